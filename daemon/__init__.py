@@ -1,0 +1,3 @@
+"""Evergreen: a continual-learning daemon for LLMs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,324 @@
+"""The ``evergreen`` command line.
+
+Every command loads the config the same way (``--config`` > $EVERGREEN_CONFIG > default
+path > embedded defaults) and turns expected failures into a one-line error and exit code
+1; usage errors exit 2 (click's convention). Heavy modules (torch, vLLM clients) are
+imported inside commands so ``--help`` and ``status`` stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from daemon import __version__
+from daemon import config as config_mod
+from daemon.config import Config, ConfigError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+class EvergreenError(Exception):
+    """An expected failure: printed as one line, exit code 1, no traceback."""
+
+
+def _load_config(ctx: click.Context) -> Config:
+    obj = ctx.ensure_object(dict)
+    if "config" not in obj:
+        overrides = {k: obj[k] for k in ("state_dir", "inbox_dir") if obj.get(k)}
+        obj["config"] = config_mod.load(obj.get("config_path"), overrides=overrides)
+    cfg_loaded: Config = obj["config"]
+    return cfg_loaded
+
+
+def friendly_errors(fn: F) -> F:
+    """Expected errors -> one red line and exit 1 (a traceback only with --debug)."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, EvergreenError, FileNotFoundError, PermissionError) as exc:
+            ctx = click.get_current_context(silent=True)
+            if ctx is not None and ctx.find_root().obj and ctx.find_root().obj.get("debug"):
+                raise
+            label = "config error" if isinstance(exc, ConfigError) else "error"
+            err_console.print(f"[bold red]{label}:[/] {exc}", highlight=False)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="TOML config file (default: $EVERGREEN_CONFIG, then <state dir>/evergreen.toml).",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Override the state directory from the config.",
+)
+@click.option(
+    "--inbox",
+    "inbox_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Override the inbox directory from the config.",
+)
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.version_option(__version__, prog_name="evergreen")
+@click.pass_context
+def main(
+    ctx: click.Context,
+    config_path: str | None,
+    state_dir: str | None,
+    inbox_dir: str | None,
+    debug: bool,
+) -> None:
+    """Evergreen: a continual-learning daemon for LLMs.
+
+    It watches an inbox for documents, stores them in SQLite, trains incremental LoRA
+    stages with replay when its policies say so, gates each candidate on evaluation, and
+    hot-swaps promoted adapters into vLLM under one stable model name.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj.update(config_path=config_path, state_dir=state_dir, inbox_dir=inbox_dir, debug=debug)
+
+
+# --------------------------------------------------------------------------- config
+@main.group("config")
+def config_group() -> None:
+    """Show or check configuration."""
+
+
+@config_group.command("show")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of TOML.")
+@click.option("--keys", is_flag=True, help="List every key with its default and help text.")
+@click.pass_context
+@friendly_errors
+def config_show(ctx: click.Context, as_json: bool, keys: bool) -> None:
+    """Print the effective config (file + defaults), as TOML with help comments."""
+    if keys:
+        for path, default, help_text in config_mod.iter_help():
+            click.echo(f"{path} = {config_mod._toml_value(default)}\n    {help_text}")
+        return
+    cfg = _load_config(ctx)
+    if as_json:
+        _print_json(config_mod.to_dict(cfg))
+    else:
+        click.echo(config_mod.to_toml(cfg), nl=False)
+
+
+@config_group.command("check")
+@click.argument("file", type=click.Path(dir_okay=False))
+def config_check(file: str) -> None:
+    """Validate FILE; exit 0 if it is a valid config, 1 with the key path if not."""
+    try:
+        config_mod.load(file)
+    except ConfigError as exc:
+        err_console.print(f"[bold red]invalid:[/] {exc}", highlight=False)
+        sys.exit(1)
+    console.print(f"[green]ok[/]: {file}")
+
+
+# --------------------------------------------------------------------------- ingest/status
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.pass_context
+@friendly_errors
+def ingest(ctx: click.Context, paths: tuple[str, ...], as_json: bool) -> None:
+    """Ingest files or directories once, without the daemon.
+
+    Files already ingested (same path and stat, or same content) are skipped; bad files are
+    quarantined with a reason. Exit code 0 even when files are quarantined.
+    """
+    from daemon.ingest.pipeline import ingest_paths
+
+    cfg = _load_config(ctx)
+    summary = ingest_paths(cfg, [Path(p) for p in paths], progress=not as_json)
+    if as_json:
+        _print_json(summary)
+        return
+    table = Table(title="ingest")
+    table.add_column("outcome")
+    table.add_column("files", justify="right")
+    for key, value in summary["outcomes"].items():
+        table.add_row(key, str(value))
+    console.print(table)
+    for err in summary.get("errors", [])[:10]:
+        console.print(f"[yellow]quarantined[/] {err['path']}: {err['error']}", highlight=False)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.pass_context
+@friendly_errors
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Show documents by status, pending tokens, stages, adapters, the next decision and
+    the last errors."""
+    from daemon.status import collect, render
+
+    cfg = _load_config(ctx)
+    data = collect(cfg)
+    if as_json:
+        _print_json(data)
+    else:
+        render(data, console)
+
+
+# --------------------------------------------------------------------------- model/training
+@main.command("seed-model")
+@click.option("--force", is_flag=True, help="Rebuild even if a cached build exists.")
+@click.pass_context
+@friendly_errors
+def seed_model(ctx: click.Context, force: bool) -> None:
+    """Build (once, cached) the embedded seed base model from the Python stdlib's docs."""
+    from daemon.training.seed import ensure_seed_model
+
+    cfg = _load_config(ctx)
+    path = ensure_seed_model(cfg, force=force, progress=True)
+    console.print(f"seed model ready: {path}", highlight=False)
+
+
+@main.command()
+@click.option(
+    "--now",
+    is_flag=True,
+    required=True,
+    help="Run a stage now, in the foreground, whatever the trigger policy says.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the stage result as JSON.")
+@click.option("--no-swap", is_flag=True, help="Promote in the store only; do not touch vLLM.")
+@click.pass_context
+@friendly_errors
+def train(ctx: click.Context, now: bool, as_json: bool, no_swap: bool) -> None:
+    """Plan and run one training stage in the foreground, with a progress bar, then
+    evaluate and gate it."""
+    from daemon.training.runner import train_now
+
+    cfg = _load_config(ctx)
+    result = train_now(cfg, progress=not as_json, swap=not no_swap)
+    if as_json:
+        _print_json(result)
+    else:
+        console.print(
+            f"stage {result.get('stage_id')}: {result.get('status')} {result.get('reason') or ''}",
+            highlight=False,
+        )
+    if result.get("status") == "failed":
+        sys.exit(1)
+
+
+# --------------------------------------------------------------------------- serving
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@friendly_errors
+def adapters(ctx: click.Context, as_json: bool) -> None:
+    """List adapter versions with status, parent, metrics and the current marker."""
+    from store import adapters as adapters_store
+    from store.db import open_db
+
+    cfg = _load_config(ctx)
+    db = open_db(cfg.db_path)
+    try:
+        rows = adapters_store.list_adapters(db, cfg.track)
+        current = adapters_store.current(db, cfg.track)
+    finally:
+        db.conn.close()
+    if as_json:
+        _print_json({"current": current, "adapters": rows})
+        return
+    table = Table(title=f"adapters ({cfg.track})")
+    for col in ("", "version", "status", "parent", "stage", "new loss", "retention", "general"):
+        table.add_column(col)
+    for row in rows:
+        m = row["metrics"]
+        table.add_row(
+            "*" if row["version"] == current else "",
+            row["version"],
+            row["status"],
+            row["parent_version"] or "-",
+            str(row["stage_id"] or "-"),
+            _fmt(m.get("new_loss")),
+            _fmt(m.get("retention_loss")),
+            _fmt(m.get("general_loss")),
+        )
+    console.print(table)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else "-"
+
+
+@main.command()
+@click.argument("version")
+@click.pass_context
+@friendly_errors
+def promote(ctx: click.Context, version: str) -> None:
+    """Make VERSION current and swap it into vLLM (if serving is configured)."""
+    from daemon.serving.swap import promote_version
+
+    cfg = _load_config(ctx)
+    result = promote_version(cfg, version, reason="manual promote")
+    console.print(result, highlight=False)
+
+
+@main.command()
+@click.argument("version", required=False)
+@click.pass_context
+@friendly_errors
+def rollback(ctx: click.Context, version: str | None) -> None:
+    """Move the current pointer back to VERSION (default: the previous promoted one)."""
+    from daemon.serving.swap import rollback_version
+
+    cfg = _load_config(ctx)
+    result = rollback_version(cfg, version)
+    console.print(result, highlight=False)
+
+
+@main.command()
+@click.pass_context
+@friendly_errors
+def serve(ctx: click.Context) -> None:
+    """Run the managed vLLM server plus the swapper only (serving without training)."""
+    from daemon.service import run_service
+
+    cfg = _load_config(ctx)
+    sys.exit(run_service(cfg, training=False))
+
+
+@main.command()
+@click.pass_context
+@friendly_errors
+def run(ctx: click.Context) -> None:
+    """Run the daemon: watch, ingest, decide, train, evaluate, promote, swap, export metrics.
+
+    Builds the seed model on first run when no base model is configured. Stops cleanly on
+    SIGTERM (exit 0). Speaks sd_notify when $NOTIFY_SOCKET is set.
+    """
+    from daemon.service import run_service
+
+    cfg = _load_config(ctx)
+    sys.exit(run_service(cfg, training=True))

@@ -1,0 +1,98 @@
+"""What ``evergreen status`` shows; the same dict is served as JSON on ``/status``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from daemon.config import Config
+from store import adapters, documents, events, stages
+from store.db import open_db
+
+
+def collect(cfg: Config, *, now: float | None = None) -> dict[str, Any]:
+    """Read everything from the store (one short-lived connection, read only)."""
+    now = time.time() if now is None else now
+    db = open_db(cfg.db_path)
+    try:
+        oldest = documents.oldest_pending_at(db, cfg.track)
+        last = stages.latest(db, cfg.track)
+        data: dict[str, Any] = {
+            "track": cfg.track,
+            "state_dir": cfg.state_dir,
+            "inbox_dir": cfg.inbox_dir,
+            "documents": documents.status_counts(db, cfg.track),
+            "quarantined_by_reason": documents.quarantine_counts(db, cfg.track),
+            "pending_tokens": documents.pending_tokens(db, cfg.track),
+            "staleness_s": round(now - oldest, 1) if oldest is not None else 0.0,
+            "current_adapter": adapters.current(db, cfg.track),
+            "stages": stages.outcome_counts(db, cfg.track),
+            "last_stage": _stage_summary(last) if last else None,
+            "next_decision": _next_decision(cfg, db, now),
+            "last_errors": [
+                {"ts": e["ts"], "kind": e["kind"], "subject": e["subject"], "message": e["message"]}
+                for e in events.recent(
+                    db, kind_prefix="ingest.quarantined", track=cfg.track, limit=5
+                )
+                + events.recent(db, kind_prefix="stage.failed", track=cfg.track, limit=3)
+                + events.recent(db, kind_prefix="swap.failed", track=cfg.track, limit=3)
+            ],
+        }
+    finally:
+        db.conn.close()
+    data["last_errors"].sort(key=lambda e: e["ts"], reverse=True)
+    return data
+
+
+def _stage_summary(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: row.get(k)
+        for k in (
+            "id",
+            "status",
+            "reason",
+            "parent_version",
+            "candidate_version",
+            "metrics",
+            "progress",
+            "created_at",
+            "finished_at",
+        )
+    }
+
+
+def _next_decision(cfg: Config, db: Any, now: float) -> dict[str, Any] | None:
+    """The trigger policy's explained verdict (evaluated, not acted on)."""
+    from policies.engine import explain_next
+
+    return explain_next(cfg, db, now=now)
+
+
+def render(data: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"evergreen status — track {data['track']}", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    docs = data["documents"]
+    table.add_row("documents", ", ".join(f"{k} {v}" for k, v in docs.items()))
+    if data["quarantined_by_reason"]:
+        table.add_row(
+            "quarantined by reason",
+            ", ".join(f"{k} {v}" for k, v in data["quarantined_by_reason"].items()),
+        )
+    table.add_row("pending tokens", f"{data['pending_tokens']:,}")
+    table.add_row("staleness", f"{data['staleness_s']:.0f} s")
+    table.add_row("current adapter", data["current_adapter"] or "(base model)")
+    table.add_row("stages", ", ".join(f"{k} {v}" for k, v in data["stages"].items()))
+    last = data["last_stage"]
+    if last:
+        table.add_row("last stage", f"#{last['id']} {last['status']} {last['reason'] or ''}")
+    nd = data.get("next_decision")
+    if nd:
+        verdict = "train now" if nd.get("fire") else "wait"
+        table.add_row("next decision", f"{verdict}: " + "; ".join(nd.get("reasons", [])))
+    console.print(table)
+    for err in data["last_errors"]:
+        console.print(f"[yellow]{err['kind']}[/] {err['message']}", highlight=False)

@@ -1,0 +1,1 @@
+"""Tiny seed model fixtures (owned by the training work)."""

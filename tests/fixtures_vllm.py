@@ -1,0 +1,1 @@
+"""Real vLLM CPU server fixtures (owned by the serving work)."""
