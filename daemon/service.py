@@ -1,0 +1,381 @@
+"""``evergreen run``: one service that closes the loop.
+
+Threads, each with its own SQLite connection:
+- the **main loop** (this thread): watchdog pings, vLLM supervision and reconcile, metrics
+  refresh, the systemd STATUS line. A hung main loop stops the watchdog pings on purpose.
+- the **watcher** (daemon.ingest): inotify events + periodic rescans -> the store; after each
+  batch it pokes the stage worker so triggers are evaluated right after ingest.
+- the **scheduler** (APScheduler, policies.schedule): pokes the stage worker every
+  ``policy.interval_s``.
+- the **stage worker**: on a poke, evaluates the trigger policy and, when it fires, runs one
+  stage (plan -> subprocess -> eval -> gate -> promote -> swap). One stage at a time by
+  construction: there is one worker.
+
+The daemon process never imports torch: the seed build, stages and scorers are
+subprocesses, which keeps the idle daemon small (RSS, CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from daemon import config as config_mod
+from daemon import logs
+from daemon.config import Config
+from daemon.metrics import Metrics, endpoint_label, serve_http
+from daemon.notify import Notifier
+from store import adapters, documents
+from store.db import open_db
+
+log = logging.getLogger("evergreen.service")
+
+LOOP_INTERVAL_S = 1.0  # main loop wake-up; everything else is paced by its own interval
+METRICS_REFRESH_S = 5.0  # store-derived gauges (pending tokens, staleness)
+HEALTHY_LOOP_AGE_S = 30.0  # /healthz fails when the main loop has not run for this long
+
+
+class ServiceError(RuntimeError):
+    """Start-up failed in a way the user must fix (bad base model, vLLM never healthy)."""
+
+
+class StageWorker(threading.Thread):
+    """Runs at most one stage at a time, when the trigger policy fires."""
+
+    def __init__(self, service: Service) -> None:
+        super().__init__(name="stage-worker", daemon=True)
+        self.service = service
+        self.wake = threading.Event()
+        self.stop_event = threading.Event()
+        self.busy = threading.Event()
+
+    def poke(self) -> None:
+        self.wake.set()
+
+    def run(self) -> None:
+        from daemon.training.runner import resume_or_fail_running, run_stage
+        from policies.engine import explain_next
+
+        cfg = self.service.cfg
+        db = open_db(cfg.db_path)
+        try:
+            self.busy.set()
+            try:
+                resumed = resume_or_fail_running(
+                    cfg,
+                    db,
+                    on_progress=self.service.on_progress,
+                    swap=self.service.swap,
+                    stop_event=self.stop_event,
+                )
+                for result in resumed or []:
+                    self.service.on_stage_finished(result)
+            except Exception:
+                log.exception("resuming interrupted stages failed")
+            finally:
+                self.busy.clear()
+            while not self.stop_event.is_set():
+                self.wake.wait()
+                self.wake.clear()
+                if self.stop_event.is_set():
+                    break
+                try:
+                    decision = explain_next(cfg, db)
+                except Exception:
+                    log.exception("trigger evaluation failed")
+                    continue
+                if not decision.get("fire"):
+                    continue
+                log.info("stage triggered: %s", "; ".join(decision.get("reasons", [])))
+                self.busy.set()
+                self.service.metrics.stage_running.set(1)
+                try:
+                    result = run_stage(
+                        cfg,
+                        db,
+                        on_progress=self.service.on_progress,
+                        swap=self.service.swap,
+                        stop_event=self.stop_event,
+                    )
+                    if result:
+                        self.service.on_stage_finished(result)
+                        if result.get("status") == "promoted":
+                            self.poke()  # more data may have arrived meanwhile
+                except Exception:
+                    log.exception("stage run failed")
+                finally:
+                    self.busy.clear()
+                    self.service.metrics.stage_running.set(0)
+        finally:
+            db.conn.close()
+
+
+class Service:
+    """Wires the store, watcher, scheduler, stage worker, vLLM, swapper and HTTP together."""
+
+    def __init__(
+        self, cfg: Config, *, training: bool = True, notifier: Notifier | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.training = training
+        self.metrics = Metrics()
+        self.notifier = notifier or Notifier()
+        self.stopping = threading.Event()
+        self.last_loop = time.time()
+        self.managed: Any = None
+        self.swapper: Any = None
+        self.watcher: Any = None
+        self.scheduler: Any = None
+        self.worker: StageWorker | None = None
+        self.http: Any = None
+        self._db: Any = None
+        self._swap_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ callbacks
+    def on_progress(self, progress: dict[str, Any]) -> None:
+        self.metrics.on_stage_progress(progress)
+
+    def on_stage_finished(self, result: dict[str, Any]) -> None:
+        self.metrics.on_stage_finished(result)
+        log.info(
+            "stage %s %s %s",
+            result.get("stage_id"),
+            result.get("status"),
+            result.get("reason") or "",
+        )
+
+    def swap(self, version: str) -> None:
+        """Make every endpoint serve ``version`` under the stable name (raises on failure)."""
+        if self.swapper is None:
+            return
+        with self._swap_lock:
+            started = time.time()
+            ok = False
+            try:
+                self.swapper.swap_to(version)
+                ok = True
+            finally:
+                self.metrics.on_swap(time.time() - started, ok, time.time())
+            self.metrics.set_adapter(version)
+
+    def healthy(self) -> bool:
+        return not self.stopping.is_set() and time.time() - self.last_loop < HEALTHY_LOOP_AGE_S
+
+    def status(self) -> dict[str, Any]:
+        from daemon.status import collect
+
+        data = collect(self.cfg)
+        data["daemon"] = {
+            "stage_running": bool(self.worker and self.worker.busy.is_set()),
+            "vllm": self._endpoint_states(),
+        }
+        return data
+
+    # ------------------------------------------------------------------ start/stop
+    def _write_effective_config(self) -> Path:
+        """Subprocesses (seed build, stages) get exactly our config, flags included."""
+        path = self.cfg.state_path / "effective-config.toml"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(config_mod.to_toml(self.cfg), encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+    def _ensure_base_model(self, cfg_file: Path) -> None:
+        base = self.cfg.resolved_base_model()
+        if self.cfg.base_model:
+            if not (base / "config.json").exists():
+                raise ServiceError(
+                    f"base_model {base} is not a Hugging Face model directory (no config.json)"
+                )
+            return
+        if (base / "config.json").exists():
+            return
+        log.info("no base model configured: building the seed model into %s", base)
+        self.notifier.status("building the seed model")
+        proc = subprocess.run(
+            [sys.executable, "-m", "daemon", "--config", str(cfg_file), "seed-model"],
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise ServiceError(f"seed model build failed (exit {proc.returncode})")
+
+    def _start_serving(self) -> None:
+        mode = self.cfg.serving.mode
+        if mode == "none":
+            return
+        from daemon.serving.swap import Swapper
+
+        if mode == "managed":
+            from daemon.serving.vllm import ManagedVLLM
+
+            self.managed = ManagedVLLM(self.cfg)
+            log.info("starting managed vLLM on %s:%s", self.cfg.serving.host, self.cfg.serving.port)
+            self.notifier.status("starting vLLM")
+            self.managed.start()
+            if not self.managed.wait_healthy(self.cfg.serving.startup_timeout_s):
+                raise ServiceError(
+                    f"vLLM did not become healthy within {self.cfg.serving.startup_timeout_s:.0f}"
+                    f" s; see {self.cfg.logs_dir / 'vllm.log'}"
+                )
+            self.swapper = Swapper(self.cfg, [self.managed.endpoint])
+        else:
+            self.swapper = Swapper.from_config(self.cfg)
+        self.swapper.reconcile()
+
+    def _endpoint_states(self) -> list[dict[str, Any]]:
+        if self.swapper is None:
+            return []
+        return [{"endpoint": url, "up": up} for url, up in self.swapper.endpoint_states()]
+
+    def start(self) -> None:
+        cfg = self.cfg
+        for d in (cfg.state_path, Path(cfg.inbox_dir), cfg.logs_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._db = open_db(cfg.db_path)  # migrates; the main loop's own connection
+        cfg_file = self._write_effective_config()
+        if self.training or cfg.serving.mode == "managed":
+            self._ensure_base_model(cfg_file)
+        self._start_serving()
+        if cfg.metrics.enabled:
+            self.http, _ = serve_http(
+                self.metrics,
+                cfg.metrics.host,
+                cfg.metrics.port,
+                healthy=self.healthy,
+                status=self.status,
+            )
+            log.info("metrics on http://%s:%s/metrics", cfg.metrics.host, cfg.metrics.port)
+        if self.training:
+            from policies.schedule import start_scheduler
+
+            from daemon.ingest.watcher import InboxWatcher
+
+            self.worker = StageWorker(self)
+            self.worker.start()
+            self.scheduler = start_scheduler(self.worker.poke, cfg.policy.interval_s)
+            self.watcher = InboxWatcher(
+                cfg,
+                on_change=lambda _summary: self._poke(),
+                on_outcome=self.metrics.on_ingest_outcome,
+            )
+            self.watcher.start()
+            self._poke()
+        self._refresh_metrics()
+        self.notifier.ready(self._status_line())
+        log.info("evergreen ready (track %s, inbox %s)", cfg.track, cfg.inbox_dir)
+
+    def _poke(self) -> None:
+        if self.worker is not None:
+            self.worker.poke()
+
+    def stop(self, grace_s: float) -> None:
+        """Stop taking work, let a running stage checkpoint, stop vLLM. Idempotent."""
+        self.stopping.set()
+        self.notifier.stopping()
+        log.info("stopping (grace %.0f s)", grace_s)
+        deadline = time.time() + grace_s
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.worker is not None:
+            self.worker.stop_event.set()
+            self.worker.poke()
+            self.worker.join(timeout=max(1.0, deadline - time.time()))
+            if self.worker.is_alive():
+                log.warning("stage did not stop within the grace period")
+        if self.managed is not None:
+            self.managed.stop()
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()
+        if self._db is not None:
+            self._db.conn.close()
+            self._db = None
+
+    # ------------------------------------------------------------------ main loop
+    def _status_line(self) -> str:
+        pending = int(self.metrics.pending_tokens._value.get())
+        current = adapters.current(self._db, self.cfg.track) if self._db else None
+        running = "training" if self.worker and self.worker.busy.is_set() else "idle"
+        return f"{running}; serving {current or 'base'}; {pending} pending tokens"
+
+    def _refresh_metrics(self) -> None:
+        db = self._db
+        now = time.time()
+        self.metrics.pending_tokens.set(documents.pending_tokens(db, self.cfg.track))
+        oldest = documents.oldest_pending_at(db, self.cfg.track)
+        self.metrics.staleness.set(now - oldest if oldest else 0.0)
+        if self.swapper is None:
+            self.metrics.set_adapter(adapters.current(db, self.cfg.track))
+
+    def loop(self, should_stop: Callable[[], bool]) -> None:
+        wd = self.notifier.watchdog_interval_s
+        next_wd = 0.0
+        next_refresh = 0.0
+        next_reconcile = time.time() + self.cfg.serving.reconcile_interval_s
+        last_status = ""
+        while not should_stop():
+            now = time.time()
+            self.last_loop = now
+            self.metrics.loop_heartbeat.set(now)
+            if wd and now >= next_wd:
+                self.notifier.watchdog()
+                next_wd = now + wd
+            if self.managed is not None and self.managed.check():
+                log.warning("managed vLLM was restarted; reconciling adapters")
+                next_reconcile = 0.0
+            if self.swapper is not None and now >= next_reconcile:
+                try:
+                    self.swapper.reconcile()
+                    self.metrics.set_adapter(self.swapper.served_version())
+                except Exception as exc:
+                    log.warning("reconcile failed: %s", exc)
+                self.metrics.set_vllm_up(
+                    (endpoint_label(url), up) for url, up in self.swapper.endpoint_states()
+                )
+                next_reconcile = now + self.cfg.serving.reconcile_interval_s
+            if now >= next_refresh:
+                try:
+                    self._refresh_metrics()
+                    line = self._status_line()
+                    if line != last_status:
+                        self.notifier.status(line)
+                        last_status = line
+                except Exception as exc:  # a busy store must not kill the loop
+                    log.warning("metrics refresh failed: %s", exc)
+                next_refresh = now + METRICS_REFRESH_S
+            time.sleep(min(LOOP_INTERVAL_S, wd or LOOP_INTERVAL_S))
+
+
+def run_service(cfg: Config, *, training: bool = True) -> int:
+    """Entry point of ``evergreen run`` / ``serve``; returns the exit code."""
+    logs.setup(cfg.log_level, cfg.log_format)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    service = Service(cfg, training=training)
+    code = 0
+    try:
+        service.start()
+        service.loop(stop.is_set)
+    except ServiceError as exc:
+        log.error("%s", exc)
+        code = 1
+    finally:
+        service.stop(cfg.stop_grace_s)
+    log.info("stopped")
+    return code
