@@ -218,6 +218,9 @@ class Config:
     track: str = opt("default", "Name of the track (domain) this daemon trains.")
     log_format: str = opt("plain", "'plain' lines or 'json' lines on stdout.")
     log_level: str = opt("info", "debug, info, warning or error.")
+    stop_grace_s: float = opt(
+        60.0, "On SIGTERM, wait this long for a running stage to checkpoint (< TimeoutStopSec)."
+    )
     ingest: IngestConfig = field(default_factory=IngestConfig, metadata={"help": "Ingestion."})
     policy: PolicyConfig = field(default_factory=PolicyConfig, metadata={"help": "Policies."})
     training: TrainingConfig = field(
