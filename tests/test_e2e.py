@@ -239,7 +239,7 @@ def test_document_becomes_served_knowledge(daemon: dict[str, Any]) -> None:
         daemon["children"] = children
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
-        gone, alive = psutil.wait_procs(children, timeout=10)
+        _gone, alive = psutil.wait_procs(children, timeout=10)
         assert not alive, f"orphans left behind: {[p.pid for p in alive]}"
     except BaseException:
         sys.stderr.write(daemon["log"].read_text(errors="replace")[-6000:])
