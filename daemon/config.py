@@ -360,6 +360,9 @@ def build_section(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
 
 def from_dict(data: Mapping[str, Any]) -> Config:
     cfg: Config = build_section(Config, data, "")
+    # Lazy: policies/ imports this module; importing it registers the policy validator.
+    import policies.spec  # noqa: F401
+
     for validate in _validators:
         validate(cfg)
     return cfg
