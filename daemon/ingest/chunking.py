@@ -1,0 +1,157 @@
+"""Token-window chunking and the deterministic train/holdout split.
+
+Chunks are measured in the base model's tokens (``<base model>/tokenizer.json``) so a
+chunk fits the training sequence budget exactly. Before a model exists (the seed model is
+built on first run) a byte-level fallback counts one token per UTF-8 byte, which is an
+upper bound for any byte-level BPE, so chunks never come out larger than configured.
+
+Cuts prefer a newline in the last half of a window, then a space in the last quarter, then
+a hard cut (on a character boundary). The split is by hash of the chunk text, so identical
+text always lands on the same side. Rule for short documents: a document never has *all*
+its chunks in holdout; if the hashes say so, they all go to train instead, so a one-chunk
+fact file is always learned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from daemon.ingest.parsers import Segment
+from store.documents import ChunkIn
+
+TRAIN, HOLDOUT = "train", "holdout"
+
+_lock = threading.Lock()
+_tokenizers: dict[str, Any] = {}
+
+
+def load_tokenizer(model_dir: Path) -> Any | None:
+    """The model's ``tokenizers.Tokenizer``, cached per process; None when there is none yet.
+
+    A missing file is not cached, so chunking switches to the real tokenizer as soon as the
+    seed model has been built.
+    """
+    path = model_dir / "tokenizer.json"
+    key = str(path)
+    tok = _tokenizers.get(key)
+    if tok is not None:
+        return tok
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    with _lock:
+        if key not in _tokenizers:
+            try:
+                _tokenizers[key] = Tokenizer.from_file(key)
+            except Exception:  # a half-written or foreign tokenizer file: fall back to bytes
+                return None
+        return _tokenizers[key]
+
+
+def split_of(text: str, holdout_fraction: float) -> str:
+    """Deterministic split by the first 64 bits of the text's SHA-256."""
+    if holdout_fraction <= 0:
+        return TRAIN
+    h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+    return HOLDOUT if h < holdout_fraction * 2**64 else TRAIN
+
+
+class Chunker:
+    """Cuts cleaned segments into :class:`ChunkIn` windows of at most ``chunk_tokens``."""
+
+    def __init__(self, chunk_tokens: int, holdout_fraction: float, tokenizer: Any | None) -> None:
+        self.n = chunk_tokens
+        self.holdout_fraction = holdout_fraction
+        self.tokenizer = tokenizer
+
+    def chunk(self, segments: list[Segment]) -> list[ChunkIn]:
+        pieces: list[tuple[str, int, str]] = []  # (kind, n_tokens, text)
+        for seg in segments:
+            if seg.kind == "chat":
+                text = json.dumps(seg.messages, ensure_ascii=False)
+                body = "\n".join(m["content"] for m in seg.messages)
+                pieces.append(("chat", self.count(body), text))
+            else:
+                pieces.extend(("text", n, t) for n, t in self.windows(seg.text))
+        splits = [split_of(t, self.holdout_fraction) for _, _, t in pieces]
+        if splits and all(s == HOLDOUT for s in splits):
+            splits = [TRAIN] * len(splits)
+        return [
+            ChunkIn(text=t, n_tokens=n, split=s, kind=k)
+            for (k, n, t), s in zip(pieces, splits, strict=True)
+        ]
+
+    def count(self, text: str) -> int:
+        if self.tokenizer is None:
+            return len(text.encode("utf-8"))
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def windows(self, text: str) -> list[tuple[int, str]]:
+        if self.tokenizer is None:
+            return _byte_windows(text, self.n)
+        return _token_windows(text, self.n, self.tokenizer)
+
+
+def _byte_windows(text: str, n: int) -> list[tuple[int, str]]:
+    data = text.encode("utf-8")
+    if len(data) <= n:
+        return [(len(data), text)] if text else []
+    out: list[tuple[int, str]] = []
+    start, end_all = 0, len(data)
+    while start < end_all:
+        hard = start + n
+        if hard >= end_all:
+            cut = end_all
+        else:
+            cut = data.rfind(b"\n", start + n // 2, hard + 1)
+            if cut <= start:
+                cut = data.rfind(b" ", start + 3 * n // 4, hard + 1)
+            if cut <= start:
+                cut = hard
+                while cut > start and (data[cut] & 0xC0) == 0x80:  # not mid-character
+                    cut -= 1
+                if cut == start:
+                    cut = hard
+        piece = data[start:cut].strip()
+        if piece:
+            out.append((len(piece), piece.decode("utf-8", "replace")))
+        start = cut
+    return out
+
+
+def _token_windows(text: str, n: int, tokenizer: Any) -> list[tuple[int, str]]:
+    enc = tokenizer.encode(text, add_special_tokens=False)
+    offsets: list[tuple[int, int]] = enc.offsets
+    total = len(offsets)
+    out: list[tuple[int, str]] = []
+    start = 0
+    while start < total:
+        end = min(start + n, total)
+        if end < total:
+            end = _best_cut(text, offsets, start, end, n)
+        piece = text[offsets[start][0] : offsets[end - 1][1]].strip()
+        if piece:
+            out.append((end - start, piece))
+        start = end
+    return out
+
+
+def _best_cut(text: str, offsets: list[tuple[int, int]], start: int, end: int, n: int) -> int:
+    """Largest token index in the window's tail that begins a new line, else a new word."""
+
+    def starts_after(k: int, chars: str) -> bool:
+        pos = offsets[k][0]
+        return (pos > 0 and text[pos - 1] in chars) or (pos < len(text) and text[pos] in chars)
+
+    for k in range(end, start + n // 2, -1):
+        if starts_after(k, "\n"):
+            return k
+    for k in range(end, start + 3 * n // 4, -1):
+        if starts_after(k, " \t\n"):
+            return k
+    return end

@@ -1,0 +1,363 @@
+"""Feeds the inbox into the pipeline: watchdog events, a stability rule, periodic rescans.
+
+Events only mark a path *pending*. One worker thread owns the DB connection and ingests a
+pending file once it is stable: a close-write event was seen (the writer is done), or its
+size and mtime have not changed for ``quiet_period_s``. A full rescan at start and every
+``rescan_interval_s`` catches files added while the daemon was down and events lost to an
+inotify overflow; a rescan that finds a file whose mtime is already older than the quiet
+period ingests it at once.
+
+Idle cost: the worker sleeps on a ``threading.Event`` until an event arrives, a pending file
+falls due or the next rescan is due (never longer than :data:`MAX_IDLE_WAIT_S`), so an idle
+inbox costs a wakeup a minute. With no file pending there is no polling at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import stat as stat_mod
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from daemon.config import Config
+from daemon.ingest.pipeline import Ingester, OnOutcome, Summary, is_ignored_name, iter_files
+from store.db import open_db
+
+log = logging.getLogger("evergreen.ingest.watcher")
+
+MAX_IDLE_WAIT_S = 60.0  # longest sleep of the worker when nothing is pending
+MIN_WAIT_S = 0.05  # shortest sleep while files are pending (no spin on clock jitter)
+NO_OBSERVER_RESCAN_S = 10.0  # rescan period when inotify cannot be used
+ERROR_BACKOFF_S = 1.0  # pause after an unexpected error in the worker loop
+STOP_TIMEOUT_S = 30.0
+
+OnChange = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class _Pending:
+    changed_at: float  # monotonic time of the last known change
+    closed: bool = False  # a close-write event came after the last change
+    sig: tuple[int, int] | None = None  # (size, mtime_ns) at the last look
+    gen: int = 0  # bumped by every event, so a file changed mid-ingest stays pending
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, watcher: InboxWatcher) -> None:
+        self.watcher = watcher
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        w = self.watcher
+        kind = event.event_type
+        if event.is_directory:
+            if kind in ("created", "moved"):
+                w._scan_dir_later(_fs(event.dest_path if kind == "moved" else event.src_path))
+            return
+        if kind == "moved":
+            w._forget(_fs(event.src_path))
+            w._touch(_fs(event.dest_path), closed=False)
+        elif kind in ("created", "modified"):
+            w._touch(_fs(event.src_path), closed=False)
+        elif kind == "closed":
+            w._touch(_fs(event.src_path), closed=True)
+        elif kind == "deleted":
+            w._forget(_fs(event.src_path))
+
+
+def _fs(path: str | bytes) -> str:
+    return os.fsdecode(path)
+
+
+class InboxWatcher:
+    """Watches ``cfg.inbox_dir`` and ingests stable files exactly once.
+
+    ``on_change(summary)`` runs on the worker thread after every batch that ingested new or
+    revived content or superseded a version (the daemon evaluates its trigger then).
+    ``on_outcome(outcome, reason)`` runs once per examined file (see :class:`Ingester`).
+    Exceptions from either callback are logged, never propagated.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        on_change: OnChange | None = None,
+        on_outcome: OnOutcome | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.inbox = os.path.abspath(cfg.inbox_dir)
+        self.on_change = on_change
+        self.on_outcome = on_outcome
+        self.quiet = cfg.ingest.quiet_period_s
+        self.rescan_interval = cfg.ingest.rescan_interval_s
+        self._lock = threading.Lock()
+        self._pending: dict[str, _Pending] = {}
+        self._dirs: set[str] = set()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._requests: queue.Queue[tuple[threading.Event, dict[str, Any]]] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._observer: Any = None
+        self._ingester: Ingester | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Create the inbox, start watching, then rescan (on the worker thread)."""
+        if self._worker is not None:
+            return
+        Path(self.inbox).mkdir(parents=True, exist_ok=True)
+        self._stop.clear()
+        observer = Observer()
+        try:
+            observer.schedule(_Handler(self), self.inbox, recursive=True)
+            observer.start()
+            self._observer = observer
+        except OSError as exc:  # e.g. inotify watch limit reached: rescans still work
+            log.warning(
+                "cannot watch %s (%s); polling every %.0f s", self.inbox, exc, NO_OBSERVER_RESCAN_S
+            )
+            self._observer = None
+            if not self.rescan_interval or self.rescan_interval > NO_OBSERVER_RESCAN_S:
+                self.rescan_interval = NO_OBSERVER_RESCAN_S
+        self._worker = threading.Thread(target=self._run, name="evergreen-inbox", daemon=True)
+        self._worker.start()
+        log.info("watching %s (quiet period %.1f s)", self.inbox, self.quiet)
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Stop watching and join both threads; a batch in flight finishes first."""
+        self._stop.set()
+        self._wake.set()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout)
+            self._observer = None
+        if self._worker is not None:
+            self._worker.join(timeout)
+            self._worker = None
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
+
+    def pending(self) -> int:
+        """Files seen but not yet stable."""
+        with self._lock:
+            return len(self._pending)
+
+    def rescan(self, timeout: float | None = None) -> dict[str, Any]:
+        """Scan the whole inbox now and ingest what is stable; returns the summary.
+
+        While running, the scan is done by the worker thread (the only user of its DB
+        connection) and this call waits for it; otherwise it runs here on a short-lived
+        connection.
+        """
+        if self.running:
+            done = threading.Event()
+            result: dict[str, Any] = {}
+            self._requests.put((done, result))
+            self._wake.set()
+            done.wait(timeout)
+            return result
+        db = open_db(self.cfg.db_path)
+        try:
+            self._ingester = Ingester(self.cfg, db, on_outcome=self.on_outcome)
+            return self._rescan()
+        finally:
+            self._ingester = None
+            db.conn.close()
+
+    # ------------------------------------------------------------------ event side
+    def _touch(self, path: str, *, closed: bool) -> None:
+        if not self._wanted(path):
+            return
+        now = time.monotonic()
+        with self._lock:
+            item = self._pending.get(path)
+            if item is None:
+                item = self._pending[path] = _Pending(changed_at=now)
+            if closed:
+                item.closed = True
+            else:
+                item.changed_at, item.closed = now, False
+            item.gen += 1
+        self._wake.set()
+
+    def _forget(self, path: str) -> None:
+        with self._lock:
+            self._pending.pop(path, None)
+
+    def _scan_dir_later(self, path: str) -> None:
+        if self._wanted(path):
+            with self._lock:
+                self._dirs.add(path)
+            self._wake.set()
+
+    def _wanted(self, path: str) -> bool:
+        rel = os.path.relpath(path, self.inbox)
+        if rel.startswith(".."):
+            return False
+        return not any(part.startswith(".") for part in rel.split(os.sep)) and not (
+            is_ignored_name(os.path.basename(path))
+        )
+
+    # ------------------------------------------------------------------ worker side
+    def _run(self) -> None:
+        db = open_db(self.cfg.db_path)
+        self._ingester = Ingester(self.cfg, db, on_outcome=self.on_outcome)
+        next_rescan = time.monotonic()  # the startup rescan
+        try:
+            while not self._stop.is_set():
+                try:
+                    next_rescan = self._step(next_rescan)
+                except Exception:
+                    log.exception("inbox worker error; retrying in %.0f s", ERROR_BACKOFF_S)
+                    self._stop.wait(ERROR_BACKOFF_S)
+        finally:
+            self._ingester = None
+            db.conn.close()
+            # Anyone still waiting on rescan() gets an empty answer rather than hanging.
+            while not self._requests.empty():
+                self._requests.get_nowait()[0].set()
+
+    def _step(self, next_rescan: float) -> float:
+        """One pass of the worker loop; returns when the next periodic rescan is due."""
+        while not self._requests.empty():
+            done, result = self._requests.get_nowait()
+            try:
+                result.update(self._rescan())
+            finally:
+                done.set()
+        now = time.monotonic()
+        if now >= next_rescan:
+            self._rescan()
+            now = time.monotonic()
+            next_rescan = now + self.rescan_interval if self.rescan_interval > 0 else float("inf")
+        with self._lock:
+            dirs, self._dirs = self._dirs, set()
+        for d in dirs:
+            self._enqueue_scan(d)
+        next_due = self._ingest_due()
+        wait = min(next_due, next_rescan) - time.monotonic()
+        wait = min(max(wait, MIN_WAIT_S), MAX_IDLE_WAIT_S)
+        if self._requests.empty() and not self._stop.is_set():
+            self._wake.wait(wait)
+        self._wake.clear()
+        return next_rescan
+
+    def _rescan(self) -> dict[str, Any]:
+        """Queue every new or changed file in the inbox, then ingest the stable ones."""
+        started = time.monotonic()
+        found = self._enqueue_scan(self.inbox)
+        summary = Summary()
+        self._ingest_due(summary)
+        data = summary.as_dict()
+        data["found"] = found
+        data["pending"] = self.pending()
+        log.debug("rescan: %d new/changed, %.2f s", found, time.monotonic() - started)
+        return data
+
+    def _enqueue_scan(self, root: str) -> int:
+        """Mark files under ``root`` pending unless the store has them with the same stat.
+
+        A file whose mtime is older than the quiet period counts as settled already.
+        """
+        assert self._ingester is not None
+        known = {
+            row[0]: (row[1], row[2])
+            for row in self._ingester.db.conn.execute(
+                "SELECT path, size, mtime FROM files WHERE track = ?", (self.cfg.track,)
+            )
+        }
+        mono, wall = time.monotonic(), time.time()
+        added = 0
+        for path in iter_files(root):
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if stat_mod.S_ISLNK(st.st_mode):
+                with contextlib.suppress(OSError):  # a broken link is quarantined later
+                    st = os.stat(path)
+            if known.get(path) == (st.st_size, st.st_mtime):
+                continue
+            age = max(0.0, wall - st.st_mtime)
+            with self._lock:
+                if path not in self._pending:
+                    self._pending[path] = _Pending(
+                        changed_at=mono - age, sig=(st.st_size, st.st_mtime_ns)
+                    )
+                    added += 1
+        return added
+
+    def _ingest_due(self, summary: Summary | None = None) -> float:
+        """Ingest every stable pending file; returns when the next one may fall due."""
+        while True:
+            due, next_due = self._collect_due()
+            if not due:
+                return next_due
+            ingester = self._ingester
+            assert ingester is not None
+            size = self.cfg.ingest.batch_size
+            for start in range(0, len(due), size):
+                part = due[start : start + size]
+                outcomes = ingester.commit([ingester.prepare(p, self.inbox) for p, _ in part])
+                with self._lock:
+                    for path, gen in part:
+                        item = self._pending.get(path)
+                        if item is not None and item.gen == gen:
+                            del self._pending[path]
+                batch = Summary()
+                batch.add(outcomes)
+                if summary is not None:
+                    summary.add(outcomes)
+                if batch.changed:
+                    self._changed(batch.as_dict())
+                if self._stop.is_set():
+                    return float("inf")
+
+    def _collect_due(self) -> tuple[list[tuple[str, int]], float]:
+        """Stat pending files; those stable now are due. Also: the next time one could be."""
+        with self._lock:
+            items = list(self._pending.items())
+        now = time.monotonic()
+        due: list[tuple[str, int]] = []
+        next_due = float("inf")
+        for path, item in items:
+            try:
+                st = os.stat(path)
+                sig: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
+            except FileNotFoundError:
+                with self._lock:
+                    if self._pending.get(path) is item:
+                        del self._pending[path]
+                continue
+            except OSError:
+                sig = None  # unreadable: due, the pipeline quarantines it
+            with self._lock:
+                if item.sig is not None and sig is not None and item.sig != sig:
+                    item.changed_at, item.closed = now, False  # changed without an event
+                item.sig = sig
+                stable = item.closed or sig is None or now - item.changed_at >= self.quiet
+                if stable:
+                    due.append((path, item.gen))
+                else:
+                    next_due = min(next_due, item.changed_at + self.quiet)
+        due.sort()
+        return due, next_due
+
+    def _changed(self, summary: dict[str, Any]) -> None:
+        if self.on_change is None:
+            return
+        try:
+            self.on_change(summary)
+        except Exception:
+            log.exception("on_change callback failed")
