@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from daemon.config import Config
@@ -68,7 +69,8 @@ def _next_decision(cfg: Config, db: Any, now: float) -> dict[str, Any] | None:
     """The trigger policy's explained verdict (evaluated, not acted on)."""
     from policies.engine import explain_next
 
-    return explain_next(cfg, db, now=now)
+    # record=False: looking at the status never writes (no tick, no decision event).
+    return explain_next(cfg, db, now=now, record=False)
 
 
 def render(data: dict[str, Any], console: Console) -> None:
@@ -91,8 +93,13 @@ def render(data: dict[str, Any], console: Console) -> None:
         table.add_row("last stage", f"#{last['id']} {last['status']} {last['reason'] or ''}")
     nd = data.get("next_decision")
     if nd:
-        verdict = "train now" if nd.get("fire") else "wait"
-        table.add_row("next decision", f"{verdict}: " + "; ".join(nd.get("reasons", [])))
+        table.add_row(
+            "next decision", escape(nd.get("summary") or "; ".join(nd.get("reasons", [])))
+        )
+        for check in nd.get("checks", []):
+            mark = "[green]✓[/]" if check.get("fire") else "[yellow]✗[/]"
+            text = escape(f"{check.get('policy')}: {check.get('reason', '')}")
+            table.add_row("", f"{mark} {text}")
     console.print(table)
     for err in data["last_errors"]:
         console.print(f"[yellow]{err['kind']}[/] {err['message']}", highlight=False)

@@ -47,7 +47,7 @@ def _leaf(
     data: dict[str, Any] = {
         "policy": name,
         "when": when,
-        "leaves": [{"policy": name, "fire": fire}],
+        "leaves": [{"policy": name, "fire": fire, "reason": reason}],
         "order": order,
     }
     if due_at is not None:
@@ -379,7 +379,8 @@ def _children_leaves(children: list[Decision]) -> list[dict[str, Any]]:
 
 def _wait_text(d: Decision, *, inside: str) -> str:
     when = str(d.data.get("summary") or d.data.get("when") or "; ".join(d.reasons))
-    if d.data.get("combinator") and d.data["combinator"] != inside and d.data.get("n_parts", 1) > 1:
+    # "," (all) binds looser than "or" (any), so only an all-group inside an any needs ().
+    if inside == "any" and d.data.get("combinator") == "all" and d.data.get("n_parts", 1) > 1:
         return f"({when})"
     return when
 

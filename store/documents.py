@@ -338,3 +338,52 @@ def scores(
         ):
             out[int(cid)] = float(loss)
     return out
+
+
+# --- used by policies (trigger state, selection, rejected stages) -----------------------
+def oldest_pending_train_at(db: sqlite_utils.Database, track: str) -> float | None:
+    """Creation time of the oldest pending *train* chunk (holdout chunks never train)."""
+    row = db.conn.execute(
+        "SELECT MIN(created_at) FROM chunks WHERE track = ? AND status = ? AND split = 'train'",
+        (track, PENDING),
+    ).fetchone()
+    return float(row[0]) if row and row[0] is not None else None
+
+
+def learned_holdout(db: sqlite_utils.Database, track: str) -> list[dict[str, Any]]:
+    """Holdout chunks of documents already learned: the "known knowledge" yardstick."""
+    return [
+        dict(r)
+        for r in db.query(
+            "SELECT c.id, c.n_tokens, c.document_id FROM chunks c JOIN documents d"
+            " ON d.id = c.document_id WHERE c.track = ? AND c.split = 'holdout'"
+            " AND (c.status = 'trained' OR d.status = 'trained') ORDER BY c.id",
+            [track],
+        )
+    ]
+
+
+def bump_attempts(db: sqlite_utils.Database, chunk_ids: Sequence[int]) -> dict[int, int]:
+    """Count one more failed attempt for still-pending chunks; returns id -> attempts."""
+    out: dict[int, int] = {}
+    for start in range(0, len(chunk_ids), 500):
+        part = list(chunk_ids[start : start + 500])
+        marks = ",".join("?" * len(part))
+        db.conn.execute(
+            f"UPDATE chunks SET attempts = attempts + 1 WHERE status = ? AND id IN ({marks})",
+            [PENDING, *part],
+        )
+        for cid, attempts in db.conn.execute(
+            f"SELECT id, attempts FROM chunks WHERE status = ? AND id IN ({marks})",
+            [PENDING, *part],
+        ):
+            out[int(cid)] = int(attempts)
+    return out
+
+
+def set_aside(db: sqlite_utils.Database, chunk_ids: Sequence[int]) -> None:
+    """Pending chunks that will not be retried become 'dropped' (kept, never deleted)."""
+    db.conn.executemany(
+        "UPDATE chunks SET status = ? WHERE id = ? AND status = ?",
+        [(DROPPED, cid, PENDING) for cid in chunk_ids],
+    )
