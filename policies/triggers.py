@@ -31,6 +31,7 @@ from policies.units import (
     fmt_clock,
     fmt_duration,
     fmt_int,
+    fmt_when,
     fraction,
     nonneg_int,
     parse_bytes,
@@ -105,7 +106,7 @@ class MaxStaleness(Params):
             False,
             f"oldest pending data is {fmt_duration(age)} old; staleness limit {limit} at"
             f" {fmt_clock(due, state.tz, state.now)}",
-            f"at {fmt_clock(due, state.tz, state.now)} (staleness {limit})",
+            f"{fmt_when(due, state.tz, state.now)} (staleness {limit})",
             due_at=due,
         )
 
@@ -235,12 +236,12 @@ class Window(Params):
         nxt = self._next_open(trig, state.now, state.tz)
         if nxt is None:
             return _leaf("window", False, "the maintenance window never opens again", "never")
-        at = fmt_clock(nxt, state.tz, state.now)
+        at = fmt_when(nxt, state.tz, state.now)
         return _leaf(
             "window",
             False,
-            f"outside the maintenance window; it opens at {at} for {span}",
-            f"in the window at {at}",
+            f"outside the maintenance window; it opens {at} for {span}",
+            f"in the maintenance window ({at.removeprefix('at ')})",
             due_at=nxt,
         )
 

@@ -156,11 +156,26 @@ def fmt_duration(seconds: float) -> str:
 
 
 def fmt_clock(ts: float, tz: tzinfo, now: float | None = None) -> str:
-    """'14:05' within the next/last 24 h, else 'Sat 21 Nov 02:00'."""
+    """'14:05' on the same day as ``now``, 'tomorrow 02:00', else 'Sat 21 Nov 02:00'."""
     dt = datetime.fromtimestamp(ts, tz)
-    if now is not None and abs(ts - now) < 86400:
-        return dt.strftime("%H:%M")
+    if now is not None:
+        days = (dt.date() - datetime.fromtimestamp(now, tz).date()).days
+        if days == 0:
+            return dt.strftime("%H:%M")
+        if days == 1:
+            return dt.strftime("tomorrow %H:%M")
     return dt.strftime("%a %d %b %H:%M")
+
+
+def fmt_when(ts: float, tz: tzinfo, now: float) -> str:
+    """'at 14:05', 'tomorrow at 02:00' or 'on Sat 21 Nov at 02:00' (reads after a verb)."""
+    text = fmt_clock(ts, tz, now)
+    if text.startswith("tomorrow "):
+        return "tomorrow at " + text.removeprefix("tomorrow ")
+    if " " in text:
+        day, clock = text.rsplit(" ", 1)
+        return f"on {day} at {clock}"
+    return f"at {text}"
 
 
 def fmt_bytes(n: float) -> str:
