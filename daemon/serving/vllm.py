@@ -1,0 +1,494 @@
+"""Talking to vLLM: an HTTP client for one endpoint, and the managed vLLM child process.
+
+:class:`VLLMClient` wraps the handful of vLLM routes the swapper needs. It refuses to talk to
+a non-loopback endpoint without an API key, because the adapter routes can change what every
+client of that server is served.
+
+:class:`ManagedVLLM` runs ``python -m vllm.entrypoints.openai.api_server`` as a child in its
+own process group (vLLM forks an engine-core process; killing the group leaves no orphans),
+writes its output to ``<state>/logs/vllm.log`` and restarts it with exponential backoff when it
+dies. Supervision is :meth:`ManagedVLLM.check`, one non-blocking step the daemon calls from its
+main loop (about once a second); it returns True when a restarted vLLM has just become healthy,
+and runs the ``on_restart`` callbacks then, so the caller reconciles adapters at once and the
+stable name serves the current version again within seconds. Callers without a loop can run
+the same step in a daemon thread with :meth:`ManagedVLLM.start_supervisor` instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from daemon.config import Config
+
+log = logging.getLogger(__name__)
+
+API_KEY_FILE = "vllm-api-key"
+PLUGIN_NAME = "evergreen"
+HEALTH_POLL_S = 0.5
+STOP_GRACE_S = 20.0
+BACKOFF_INITIAL_S = 1.0
+BACKOFF_MAX_S = 60.0
+STABLE_AFTER_S = 120.0  # healthy this long after a restart resets the backoff
+UNHEALTHY_RESTART_S = 60.0  # alive but failing /health this long after being up -> restart
+SUPERVISE_INTERVAL_S = 1.0
+
+
+class VLLMError(RuntimeError):
+    """A vLLM endpoint misbehaved or refused a request; the message says which and why."""
+
+
+class InsecureEndpointError(VLLMError):
+    """A non-loopback endpoint without an API key (refused before any request is sent)."""
+
+
+class PluginMissingError(VLLMError):
+    """The endpoint does not run the evergreen vLLM plugin (needed for atomic swaps)."""
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``; names are not resolved (DNS can lie)."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_or_create_api_key(cfg: Config) -> str:
+    """The configured key, else one generated once into ``<state>/vllm-api-key`` (mode 0600)."""
+    if cfg.serving.api_key:
+        return cfg.serving.api_key
+    path = cfg.state_path / API_KEY_FILE
+    if path.exists():
+        key = path.read_text(encoding="utf-8").strip()
+        if key:
+            return key
+    cfg.state_path.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(32)
+    tmp = path.with_name(f".{API_KEY_FILE}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, key.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return key
+
+
+class VLLMClient:
+    """Synchronous client for one vLLM OpenAI-compatible endpoint (thread-safe via httpx)."""
+
+    def __init__(
+        self, base_url: str, api_key: str = "", *, timeout: float = 60.0, name: str = ""
+    ) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise VLLMError(f"endpoint {base_url!r}: expected http(s)://host:port")
+        if not api_key and not is_loopback(parts.hostname):
+            raise InsecureEndpointError(
+                f"endpoint {base_url}: refusing a non-loopback vLLM endpoint without an API key"
+                " (set serving.api_key)"
+            )
+        self.base_url = base_url.rstrip("/")
+        self.name = name or f"{parts.hostname}:{parts.port or 80}"
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __repr__(self) -> str:
+        return f"VLLMClient({self.base_url!r})"
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise VLLMError(f"{self.name}: {method} {path} failed: {exc}") from exc
+
+    def _ok(self, resp: httpx.Response, what: str) -> httpx.Response:
+        if resp.status_code >= 400:
+            raise VLLMError(f"{self.name}: {what}: HTTP {resp.status_code}: {resp.text[:500]}")
+        return resp
+
+    # -- routes -----------------------------------------------------------------------------
+    def health(self, timeout: float = 5.0) -> bool:
+        try:
+            return self._http.get("/health", timeout=timeout).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def models(self) -> dict[str, str | None]:
+        """Served model ids -> their ``root`` (an adapter's path)."""
+        data = self._ok(self._request("GET", "/v1/models"), "list models").json()
+        return {m["id"]: m.get("root") for m in data.get("data", [])}
+
+    def completion(
+        self, model: str, prompt: str, *, max_tokens: int = 8, temperature: float = 0.0
+    ) -> str:
+        """Text of one non-streamed completion; greedy by default."""
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "seed": 0,
+        }
+        resp = self._ok(self._request("POST", "/v1/completions", json=body), f"complete {model}")
+        choices = resp.json().get("choices") or []
+        if not choices or not isinstance(choices[0].get("text"), str):
+            raise VLLMError(f"{self.name}: completion for {model} returned no text")
+        return str(choices[0]["text"])
+
+    def load_lora(self, name: str, path: str | Path) -> None:
+        body = {"lora_name": name, "lora_path": str(path)}
+        self._ok(self._request("POST", "/v1/load_lora_adapter", json=body), f"load {name}")
+
+    def unload_lora(self, name: str) -> None:
+        body = {"lora_name": name}
+        self._ok(self._request("POST", "/v1/unload_lora_adapter", json=body), f"unload {name}")
+
+    def aliases(self) -> dict[str, dict[str, str]]:
+        """Registered names -> ``{"target", "path"}`` (the plugin's view; aliases included)."""
+        resp = self._request("GET", "/v1/evergreen/aliases")
+        if resp.status_code == 404:
+            raise PluginMissingError(
+                f"{self.name}: the evergreen vLLM plugin is not loaded; install evergreen into"
+                f" vLLM's environment and start vLLM with VLLM_PLUGINS={PLUGIN_NAME}"
+            )
+        body = self._ok(resp, "list aliases").json()
+        return dict(body.get("aliases", {}))
+
+    def set_alias(self, alias: str, target: str) -> dict[str, Any]:
+        """Atomically point ``alias`` at the adapter loaded as ``target``."""
+        body = {"alias": alias, "target": target}
+        resp = self._request("POST", "/v1/evergreen/alias", json=body)
+        if resp.status_code == 404 and "not loaded" not in resp.text:
+            raise PluginMissingError(f"{self.name}: the evergreen vLLM plugin is not loaded")
+        return dict(self._ok(resp, f"alias {alias} -> {target}").json())
+
+    def metrics(self) -> str:
+        return self._ok(self._request("GET", "/metrics"), "metrics").text
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+class ManagedVLLM:
+    """vLLM as a supervised child process of the daemon.
+
+    ``start()`` launches it (non-blocking), ``wait_healthy()`` blocks until ``/health`` answers,
+    ``stop()`` ends it and its engine process (SIGTERM to the group, SIGKILL after a grace).
+    ``start_supervisor()`` starts a daemon thread that restarts it with exponential backoff
+    (1 s doubling to 60 s) when it dies or stays unhealthy, then calls ``on_restart``
+    callbacks. Attributes ``up``, ``restarts`` and ``last_healthy_at`` are for metrics.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        on_restart: Callable[[], None] | None = None,
+        python: str = sys.executable,
+    ) -> None:
+        sc = cfg.serving
+        if not is_loopback(sc.host) and not sc.api_key:
+            raise InsecureEndpointError(
+                f"serving.host = {sc.host!r} is not loopback: set serving.api_key to expose vLLM"
+            )
+        self.cfg = cfg
+        self.python = python
+        self.api_key = load_or_create_api_key(cfg)
+        host = f"[{sc.host}]" if ":" in sc.host else sc.host
+        self.url = f"http://{host}:{sc.port}"
+        self.log_path = cfg.logs_dir / "vllm.log"
+        self.on_restart: list[Callable[[], None]] = [on_restart] if on_restart else []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.up = False
+        self.restarts = 0
+        self.last_healthy_at = 0.0
+        self._started_at = 0.0
+        self._backoff = BACKOFF_INITIAL_S
+        self._next_restart_at = 0.0
+        self._unhealthy_since: float | None = None
+        self._restarting = False
+        self.last_error = ""
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client: VLLMClient | None = None
+
+    # -- the child --------------------------------------------------------------------------
+    @property
+    def endpoint(self) -> VLLMClient:
+        """The HTTP client for this server (named ``host:port``, as metrics label it)."""
+        if self._client is None:
+            self._client = VLLMClient(
+                self.url, self.api_key, timeout=self.cfg.serving.request_timeout_s
+            )
+        return self._client
+
+    def command(self) -> list[str]:
+        sc = self.cfg.serving
+        return [
+            self.python,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(self.cfg.resolved_base_model()),
+            "--host",
+            sc.host,
+            "--port",
+            str(sc.port),
+            "--enable-lora",
+            "--max-lora-rank",
+            str(sc.max_lora_rank),
+            "--max-loras",
+            str(sc.max_loras),
+            "--max-cpu-loras",
+            str(max(sc.max_cpu_loras, sc.max_loras)),
+            "--max-model-len",
+            str(sc.max_model_len),
+            *[str(a) for a in sc.extra_args],
+        ]
+
+    def environment(self) -> dict[str, str]:
+        """The child's env: our plugin and the per-version resolver on, key out of ``ps``."""
+        env = dict(os.environ)
+        resolver_dir = self.cfg.serving_dir / "resolve"
+        resolver_dir.mkdir(parents=True, exist_ok=True)
+        env.update(
+            {
+                "VLLM_API_KEY": self.api_key,  # same as --api-key, but not visible in ps
+                "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+                "VLLM_PLUGINS": f"{PLUGIN_NAME},lora_filesystem_resolver",
+                "VLLM_LORA_RESOLVER_CACHE_DIR": str(resolver_dir),
+                "VLLM_CPU_KVCACHE_SPACE": str(self.cfg.serving.kvcache_space_gib),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        return env
+
+    def start(self) -> None:
+        """Launch vLLM (returns at once; see :meth:`wait_healthy`)."""
+        with self._lock:
+            self._stop.clear()
+            if self.proc is not None and self.proc.poll() is None:
+                return
+            self._kill_group()  # leftovers of a crashed run (its engine process) go first
+            sc = self.cfg.serving
+            if _port_in_use(sc.host, sc.port):
+                raise VLLMError(
+                    f"cannot start vLLM: {sc.host}:{sc.port} is already in use (serving.port)"
+                )
+            base = self.cfg.resolved_base_model()
+            if not (base / "config.json").exists():
+                raise VLLMError(f"cannot start vLLM: no model at {base} (config.json missing)")
+            self._next_restart_at = 0.0
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "ab") as logf:
+                logf.write(f"\n=== evergreen: starting vLLM at {time.ctime()} ===\n".encode())
+                logf.flush()
+                self.proc = subprocess.Popen(
+                    self.command(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                    env=self.environment(),
+                    start_new_session=True,  # own process group: stop() kills the engine too
+                    cwd=str(self.cfg.state_path),
+                )
+            self._started_at = time.monotonic()
+            self._unhealthy_since = None
+            log.info("vLLM starting (pid %d) on %s, log %s", self.proc.pid, self.url, self.log_path)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_healthy(self, timeout: float | None = None) -> bool:
+        """Block until ``/health`` answers 200 (True); False on timeout or if vLLM exits.
+
+        On False the reason and the log tail are logged; ``last_error`` holds the reason.
+        """
+        timeout = self.cfg.serving.startup_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        client = self.endpoint
+        while time.monotonic() < deadline:
+            if not self.alive():
+                code = None if self.proc is None else self.proc.returncode
+                self.last_error = f"vLLM exited (code {code}) during startup"
+                log.error("%s; log tail:\n%s", self.last_error, self.log_tail())
+                return False
+            if client.health(timeout=2.0):
+                self._mark_up()
+                return True
+            time.sleep(HEALTH_POLL_S)
+        self.last_error = f"vLLM not healthy after {timeout:.0f}s"
+        log.error("%s; log tail:\n%s", self.last_error, self.log_tail())
+        return False
+
+    def _mark_up(self) -> None:
+        self.up = True
+        self.last_healthy_at = time.time()
+        self._unhealthy_since = None
+        self._restarting = False
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 16384))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return "(no vLLM log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _kill_group(self, grace: float = STOP_GRACE_S) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        pgid = proc.pid  # start_new_session: the group id is the child's pid
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            log.warning("vLLM did not stop within %.0fs; sending SIGKILL", grace)
+        # The API server may be gone while its engine process lingers: kill the whole group.
+        deadline = time.monotonic() + min(grace, 5.0)
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        self.proc = None
+
+    def stop(self, grace: float = STOP_GRACE_S) -> None:
+        """Stop supervision and vLLM (and its engine process); idempotent."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=grace + 15)
+        with self._lock:
+            self._kill_group(grace)
+            self.up = False
+            self._restarting = False
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    # -- supervision ------------------------------------------------------------------------
+    def check(self) -> bool:
+        """One non-blocking supervision step; True exactly when a restart just became healthy.
+
+        A dead vLLM is started again after an exponential backoff (1 s doubling to 60 s,
+        reset once it stays up for ``STABLE_AFTER_S``); one that was up but fails ``/health``
+        for ``UNHEALTHY_RESTART_S`` is killed and restarted. The caller reconciles adapters
+        when this returns True (the ``on_restart`` callbacks also run then). Never waits for
+        vLLM to boot: each call costs one ``/health`` probe at most.
+        """
+        with self._lock:
+            if self._stop.is_set() or (self.proc is None and not self._restarting):
+                self.up = False
+                return False
+            now = time.monotonic()
+            if self.alive():
+                if self.endpoint.health(timeout=2.0):
+                    was_restarting = self._restarting
+                    self._mark_up()
+                    if now - self._started_at > STABLE_AFTER_S:
+                        self._backoff = BACKOFF_INITIAL_S
+                    if was_restarting:
+                        self._after_restart()
+                    return was_restarting
+                self.up = False
+                if self._unhealthy_since is None:
+                    self._unhealthy_since = now
+                limit = (
+                    self.cfg.serving.startup_timeout_s if self._restarting else UNHEALTHY_RESTART_S
+                )
+                if now - self._unhealthy_since < limit:
+                    return False
+                log.warning("vLLM unhealthy for %.0fs; killing it", now - self._unhealthy_since)
+                self._kill_group(grace=5.0)
+            self.up = False
+            if self._next_restart_at == 0.0:
+                code = None if self.proc is None else self.proc.returncode
+                log.warning("vLLM is down (exit code %s); restarting in %.0fs", code, self._backoff)
+                self._kill_group(grace=5.0)  # its engine process may outlive the API server
+                self._next_restart_at = now + self._backoff
+                self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
+                self._restarting = True
+                return False
+            if now < self._next_restart_at:
+                return False
+            self._next_restart_at = 0.0
+            self.restarts += 1
+            try:
+                self.start()
+            except VLLMError as exc:
+                self.last_error = str(exc)
+                log.error("vLLM restart failed: %s", exc)
+            return False
+
+    def _after_restart(self) -> None:
+        log.info("vLLM restarted and healthy (restart #%d)", self.restarts)
+        for callback in self.on_restart:
+            try:
+                callback()
+            except Exception:
+                log.exception("on_restart callback failed")
+
+    def start_supervisor(self, interval: float = SUPERVISE_INTERVAL_S) -> None:
+        """Run :meth:`check` every ``interval`` seconds in a daemon thread until ``stop()``."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._supervise, args=(interval,), name="vllm-supervisor", daemon=True
+        )
+        self._thread.start()
+
+    def _supervise(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self.check()
+            except Exception:
+                log.exception("vLLM supervision step failed")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
