@@ -187,6 +187,8 @@ def register(kind: str, name: str) -> Callable[[T], T]:
         if name in reg:
             raise ValueError(f"{kind} policy {name!r} is already registered")
         reg[name] = factory  # type: ignore[assignment]
+        if isinstance(factory, type):
+            factory.policy_name = name  # type: ignore[attr-defined]  # for reasons and plans
         return factory
 
     return deco

@@ -301,8 +301,8 @@ def plan_stage(
         "new_tokens": sel.tokens,
         "replay_tokens": rep.tokens,
         "replay_budget_tokens": budget,
-        "selection_policy": str(cfg.policy.selection.get("name")),
-        "replay_policy": str(cfg.policy.replay.get("name")),
+        "selection_policy": str(getattr(pol.selection, "policy_name", "")),
+        "replay_policy": str(getattr(pol.replay, "policy_name", "")),
     }
 
 

@@ -79,7 +79,6 @@ class _ReplayBase(Params):
 class Uniform(_ReplayBase):
     """Every buffered chunk equally likely (the reservoir is already a uniform sample)."""
 
-    policy_name = "uniform"
     ratio: float = param(_ratio, 0.5, help="Replay tokens per new token of the stage.")
 
     def order(
@@ -98,7 +97,6 @@ class Recency(_ReplayBase):
     old stages still appear, just less often.
     """
 
-    policy_name = "recency"
     ratio: float = param(_ratio, 0.5, help="Replay tokens per new token of the stage.")
     half_life: float = param(positive_float, 2.0, help="Stages of age that halve the weight.")
 
@@ -130,7 +128,6 @@ class MostForgotten(_ReplayBase):
     share of the budget for uniformly drawn chunks, so a stale score cannot starve the rest.
     """
 
-    policy_name = "most_forgotten"
     ratio: float = param(_ratio, 0.5, help="Replay tokens per new token of the stage.")
     explore: float = param(fraction, 0.0, help="Share of picks drawn uniformly instead.")
 
@@ -180,7 +177,6 @@ class Balanced(_ReplayBase):
     stage or track) that has the fewest replay tokens so far, so one huge document cannot
     crowd out the rest."""
 
-    policy_name = "balanced"
     ratio: float = param(_ratio, 0.5, help="Replay tokens per new token of the stage.")
     by: str = param(
         choice("source", "stage"), "source", help="Group by source document or by stage."

@@ -31,14 +31,23 @@ class Policies:
     selection: SelectionPolicy
 
 
+def _named(section: str, spec: Any) -> Any:
+    """A table without ``name`` means the default policy of that section, so tuning one
+    threshold (``[policy.promotion] max_eval_drop_points = 2``) needs no boilerplate."""
+    if isinstance(spec, dict) and "name" not in spec:
+        default = getattr(config_mod.PolicyConfig(), section)
+        return {"name": default["name"], **spec}
+    return spec
+
+
 def build_all(cfg: Config) -> Policies:
     """Instantiate every policy section; raises ConfigError with the key path."""
     pc = cfg.policy
     return Policies(
         trigger=build_trigger(pc.trigger, "policy.trigger"),
-        replay=base.build("replay", pc.replay, "policy.replay"),
-        promotion=base.build("promotion", pc.promotion, "policy.promotion"),
-        selection=base.build("selection", pc.selection, "policy.selection"),
+        replay=base.build("replay", _named("replay", pc.replay), "policy.replay"),
+        promotion=base.build("promotion", _named("promotion", pc.promotion), "policy.promotion"),
+        selection=base.build("selection", _named("selection", pc.selection), "policy.selection"),
     )
 
 
