@@ -1,1 +1,49 @@
-"""Tiny seed model fixtures (owned by the training work)."""
+"""Tiny seed model fixtures (owned by the training work).
+
+``tiny_seed_model`` builds the real tiny seed model (same code path as production, ~0.7M
+params) once per pytest session, in seconds. ``tiny_cfg`` is a config on a fresh state dir
+whose ``base_model`` points at it, so stages and serving use that model without a build.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon import config as config_mod
+from daemon.config import Config
+
+
+def make_tiny_cfg(state_dir: Path, base_model: Path, **overrides: object) -> Config:
+    """A config for tests: tiny seed, given base model, fast ingest; ``overrides`` merge in."""
+    data: dict[str, object] = {
+        "state_dir": str(state_dir),
+        "base_model": str(base_model),
+        "ingest": {"quiet_period_s": 0.3, "chunk_tokens": 64},
+        "seed": {"size": "tiny"},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}  # type: ignore[dict-item]
+        else:
+            data[key] = value
+    return config_mod.from_dict(data)
+
+
+@pytest.fixture(scope="session")
+def tiny_seed_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of the tiny seed model dir (HF format), built once per session."""
+    from daemon.training.seed import ensure_seed_model
+
+    state = tmp_path_factory.mktemp("tiny-seed-state")
+    cfg = config_mod.from_dict({"state_dir": str(state), "seed": {"size": "tiny"}})
+    return ensure_seed_model(cfg)
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path: Path, tiny_seed_model: Path) -> Config:
+    """Config on a fresh temp state dir with ``base_model`` = the session's tiny seed model."""
+    state = tmp_path / "state"
+    state.mkdir(exist_ok=True)
+    return make_tiny_cfg(state, tiny_seed_model)
