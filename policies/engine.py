@@ -198,7 +198,9 @@ def explain_next(
         line = f"next stage when {summary}"
     due_at = decision.data.get("due_at") if not fire and not blocked else None
     if due_at is not None and due_at > now:
-        line += f" (earliest {fmt_clock(due_at, state.tz, now)})"
+        clock = fmt_clock(due_at, state.tz, now)
+        if clock not in line:  # "at 14:00 (staleness 6h)" already says it
+            line += f" (earliest {clock})"
     reasons = ([blocked] if blocked else []) + decision.reasons
     result: dict[str, Any] = {
         "fire": fire,

@@ -90,7 +90,7 @@ EXPLAIN_CASES: list[tuple[str, dict[str, Any], bool, str]] = [
         {"tokens": [300, 200], "oldest": T0 - 20 * M, "last_stage": T0 - 2 * M},
         False,
         "next stage when ≥ 2,000 new tokens (now 500) or at 12:40 (staleness 1h),"
-        " cooldown ends 12:03 (earliest 12:40)",
+        " cooldown ends 12:03",
     ),
     (
         "tokens",
