@@ -134,9 +134,16 @@ def _token_windows(text: str, n: int, tokenizer: Any) -> list[tuple[int, str]]:
         end = min(start + n, total)
         if end < total:
             end = _best_cut(text, offsets, start, end, n)
-        piece = text[offsets[start][0] : offsets[end - 1][1]].strip()
+        # Re-encode the cut text: a substring can tokenize differently at its edges (a
+        # stripped leading space splits a word), and n_tokens must be exact for packing.
+        while True:
+            piece = text[offsets[start][0] : offsets[end - 1][1]].strip()
+            count = len(tokenizer.encode(piece, add_special_tokens=False).ids) if piece else 0
+            if count <= n or end - start <= 1:
+                break
+            end -= 1
         if piece:
-            out.append((end - start, piece))
+            out.append((count, piece))
         start = end
     return out
 

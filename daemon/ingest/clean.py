@@ -29,7 +29,9 @@ def normalise(text: str) -> str:
         text = unicodedata.normalize("NFC", text)
         text = _ODD_SPACES.sub(" ", text)
         text = _ZERO_WIDTH.sub("", text)
-    text = _NEWLINES.sub("\n", text)
+        text = _NEWLINES.sub("\n", text)
+    elif "\r" in text or "\x0b" in text or "\x0c" in text:  # `in` is far cheaper than a regex
+        text = _NEWLINES.sub("\n", text)
     if "\t\n" in text or " \n" in text:
         text = _TRAILING.sub("\n", text)
     if "\n\n\n" in text:

@@ -56,6 +56,8 @@ OUTCOMES = (INGESTED, DUPLICATE, UNCHANGED, SUPERSEDED, QUARANTINED, IGNORED)
 # Editors, downloaders and sync tools write these before the real file appears.
 TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".swp", ".swx", ".crdownload", "~")
 
+TOKENIZER_RECHECK_S = 10.0  # how often a missing tokenizer.json is looked for again
+
 OnOutcome = Callable[[str, str | None], None]
 
 
@@ -109,8 +111,8 @@ class Ingester:
         self.db = db
         self.track = cfg.track
         self.on_outcome = on_outcome
-        self.inbox = Path(cfg.inbox_dir)
-        self._inbox_real = os.path.realpath(cfg.inbox_dir)
+        self._chunker_cache: Chunker | None = None
+        self._tokenizer_recheck = 0.0
 
     # ------------------------------------------------------------------ public
     def ingest_file(self, path: str | os.PathLike[str], root: str | None = None) -> Outcome:
@@ -250,12 +252,7 @@ class Ingester:
             max_garbage_ratio=ic.max_garbage_ratio,
             pii_scrub=ic.pii_scrub,
         )
-        chunker = Chunker(
-            ic.chunk_tokens,
-            ic.holdout_fraction,
-            load_tokenizer(self.cfg.resolved_base_model()),
-        )
-        chunks = chunker.chunk(segments)
+        chunks = self._chunker().chunk(segments)
         if not chunks:
             raise Quarantine(parsers.EMPTY, "no chunks after cleaning")
         if len(segments) == 1 and segments[0].kind == "text":
@@ -266,6 +263,22 @@ class Ingester:
                 h.update(c.kind.encode() + b"\x1f" + c.text.encode("utf-8") + b"\x1e")
             digest = "multi:" + h.hexdigest()
         return chunks, digest
+
+    def _chunker(self) -> Chunker:
+        """The chunker, re-checking for the model's tokenizer at most every few seconds.
+
+        Before the seed model exists the byte fallback is used; once it appears, new
+        documents are chunked with the real tokenizer (no stat per file in between).
+        """
+        now = time.monotonic()
+        if self._chunker_cache is None or (
+            self._chunker_cache.tokenizer is None and now >= self._tokenizer_recheck
+        ):
+            ic = self.cfg.ingest
+            tokenizer = load_tokenizer(self.cfg.resolved_base_model())
+            self._chunker_cache = Chunker(ic.chunk_tokens, ic.holdout_fraction, tokenizer)
+            self._tokenizer_recheck = now + TOKENIZER_RECHECK_S
+        return self._chunker_cache
 
     def _quarantined_unread(
         self, path: str, st: os.stat_result, reason: str, detail: str

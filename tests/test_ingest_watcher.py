@@ -1,0 +1,171 @@
+"""InboxWatcher: real watchdog observer, real files, real store; waits poll the store."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.config import Config
+from daemon.ingest.watcher import InboxWatcher
+from tests.ingest_helpers import LOREM, docs, make_cfg, rows, text_of
+
+WAIT_S = 30.0  # generous upper bound for a loaded CI machine; not a speed assertion
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = WAIT_S) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+def watcher_factory() -> Iterator[Callable[..., InboxWatcher]]:
+    made: list[InboxWatcher] = []
+
+    def make(cfg: Config, **kw: Any) -> InboxWatcher:
+        w = InboxWatcher(cfg, **kw)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.stop()
+
+
+def test_file_written_slowly_is_ingested_once_and_complete(
+    state_dir: Path, watcher_factory: Callable[..., InboxWatcher]
+) -> None:
+    # Quiet period longer than the pause between writes: the file never looks stable
+    # until the writer closes it.
+    cfg = make_cfg(state_dir, quiet_period_s=1.5)
+    changes: list[dict[str, Any]] = []
+    watcher = watcher_factory(cfg, on_change=changes.append)
+    watcher.start()
+    path = Path(cfg.inbox_dir) / "slow.txt"
+    lines = [f"line {i}: {LOREM}" for i in range(12)]
+
+    def writer() -> None:
+        with path.open("w", encoding="utf-8") as fh:
+            for line in lines:
+                fh.write(line + "\n")
+                fh.flush()
+                time.sleep(0.3)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    t.join()
+    wait_for(lambda: len(docs(cfg)) >= 1)
+    watcher.rescan()  # anything still pending is settled by now
+    all_docs = docs(cfg)
+    assert len(all_docs) == 1, all_docs
+    assert all_docs[0]["status"] == "ingested"
+    text = text_of(cfg, all_docs[0]["id"])
+    assert "line 0:" in text and "line 11:" in text
+    assert text.count("line ") == 12
+    assert rows(cfg, "SELECT * FROM documents WHERE status = 'superseded'") == []
+    assert sum(c["outcomes"]["ingested"] for c in changes) == 1
+
+
+def test_files_added_while_stopped_are_picked_up_at_start(
+    cfg: Config, watcher_factory: Callable[..., InboxWatcher]
+) -> None:
+    first = watcher_factory(cfg)
+    first.start()
+    inbox = Path(cfg.inbox_dir)
+    (inbox / "early.txt").write_text(LOREM + " early")
+    wait_for(lambda: len(docs(cfg)) == 1)
+    first.stop()
+    assert not first.running
+
+    for i in range(5):
+        (inbox / "sub").mkdir(exist_ok=True)
+        (inbox / "sub" / f"late{i}.md").write_text(f"{LOREM} late {i}")
+    (inbox / "early.txt").write_text(LOREM + " early, edited while the daemon was down")
+
+    second = watcher_factory(cfg)
+    second.start()
+    wait_for(lambda: len(docs(cfg)) == 7)
+    statuses = sorted(d["status"] for d in docs(cfg))
+    assert statuses == ["ingested"] * 6 + ["superseded"]
+    second.stop()
+
+
+def test_rescan_reports_and_is_idempotent(
+    cfg: Config, watcher_factory: Callable[..., InboxWatcher]
+) -> None:
+    inbox = Path(cfg.inbox_dir)
+    inbox.mkdir(parents=True)
+    old = time.time() - 60  # mtime older than the quiet period: settled already
+    for i in range(3):
+        p = inbox / f"d{i}.txt"
+        p.write_text(f"{LOREM} {i}")
+        os.utime(p, (old, old))
+    (inbox / "bad.txt").write_bytes(b"\xff" * 100)
+    os.utime(inbox / "bad.txt", (old, old))
+
+    outcomes: list[tuple[str, str | None]] = []
+    watcher = watcher_factory(cfg, on_outcome=lambda o, r: outcomes.append((o, r)))
+    summary = watcher.rescan()  # not started: runs inline
+    assert summary["outcomes"]["ingested"] == 3
+    assert summary["outcomes"]["quarantined"] == 1
+    assert ("quarantined", "undecodable") in outcomes
+
+    watcher.start()
+    again = watcher.rescan(timeout=WAIT_S)  # running: done by the worker thread
+    assert again["found"] == 0 and again["files"] == 0
+    assert len(rows(cfg, "SELECT * FROM events WHERE kind = 'ingest.quarantined'")) == 1
+
+
+def test_new_file_and_moved_in_directory_are_ingested(
+    cfg: Config, watcher_factory: Callable[..., InboxWatcher], tmp_path: Path
+) -> None:
+    changes: list[dict[str, Any]] = []
+    watcher = watcher_factory(cfg, on_change=changes.append)
+    watcher.start()
+    inbox = Path(cfg.inbox_dir)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    for i in range(3):
+        (staging / f"m{i}.txt").write_text(f"{LOREM} moved {i}")
+    staging.rename(inbox / "batch")
+    (inbox / "direct.txt").write_text(LOREM + " direct")
+    (inbox / ".hidden.txt").write_text(LOREM + " hidden")
+    (inbox / "partial.txt.part").write_text(LOREM + " partial")
+    wait_for(lambda: len(docs(cfg)) == 4)
+    watcher.stop()
+    names = sorted(Path(d["path"]).name for d in docs(cfg))
+    assert names == ["direct.txt", "m0.txt", "m1.txt", "m2.txt"]
+    assert sum(c["outcomes"]["ingested"] for c in changes) == 4
+
+
+def test_stop_joins_threads_and_is_repeatable(
+    cfg: Config, watcher_factory: Callable[..., InboxWatcher]
+) -> None:
+    watcher = watcher_factory(cfg)
+    watcher.start()
+    assert watcher.running and Path(cfg.inbox_dir).is_dir()
+    watcher.stop()
+    watcher.stop()
+    assert not watcher.running
+    names = {t.name for t in threading.enumerate()}
+    assert "evergreen-inbox" not in names
+
+
+def test_close_write_makes_a_file_due_without_waiting_the_quiet_period(
+    state_dir: Path, watcher_factory: Callable[..., InboxWatcher]
+) -> None:
+    cfg = make_cfg(state_dir, quiet_period_s=600.0, rescan_interval_s=0.0)
+    watcher = watcher_factory(cfg)
+    watcher.start()
+    (Path(cfg.inbox_dir) / "closed.txt").write_text(LOREM + " closed")
+    wait_for(lambda: len(docs(cfg)) == 1)  # only a close-write event can make it due now
+    assert watcher.pending() == 0
