@@ -76,3 +76,10 @@ def kick(scheduler: BackgroundScheduler) -> None:
     job = scheduler.get_job(JOB_ID)
     if job is not None:
         job.modify(next_run_time=datetime.now(UTC))
+
+
+def start_scheduler(
+    tick: Callable[[], Any], interval_s: float, **kwargs: Any
+) -> BackgroundScheduler:
+    """``build_scheduler`` with the interval as a positional argument (the daemon's call)."""
+    return build_scheduler(tick, interval_s=interval_s, **kwargs)

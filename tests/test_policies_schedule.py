@@ -88,3 +88,16 @@ def test_kick_runs_an_idle_scheduler_now() -> None:
 def test_rejects_bad_interval() -> None:
     with pytest.raises(ValueError, match="interval_s must be positive"):
         build_scheduler(lambda: None, interval_s=0)
+
+
+def test_start_scheduler_is_the_daemons_entry_point() -> None:
+    from policies.schedule import start_scheduler
+
+    ran = threading.Event()
+    sched = start_scheduler(ran.set, 30)
+    try:
+        assert ran.wait(20)  # first run is immediate
+        job = sched.get_job(JOB_ID)
+        assert (job.coalesce, job.max_instances, job.misfire_grace_time) == (True, 1, 30)
+    finally:
+        sched.shutdown(wait=True)
