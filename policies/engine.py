@@ -364,3 +364,37 @@ def after_reject(
             data={"retry": len(retry), "set_aside": aside[:1000]},
         )
     return {"retry": retry, "set_aside": aside, "message": message}
+
+
+def scoring_needs(cfg: Config, db: sqlite_utils.Database, *, limit: int = 5000) -> dict[str, Any]:
+    """Which chunks the scorer subprocess should score next, for the configured policies.
+
+    Returns ``adapter_version`` (the current one; '' = base model) and ``chunk_ids`` not
+    yet scored under it, most useful first: pending train chunks (``highest_loss``
+    selection and ``surprise``), holdout of learned documents (``surprise``), replay
+    buffer chunks (``most_forgotten``). Empty when no configured policy reads scores, so
+    a deployment that does not use them never pays for a scorer run.
+    """
+    track = cfg.track
+    current = adapters.current(db, track)
+    pol = build_all(cfg)
+    surprise = uses(cfg.policy.trigger, "surprise")
+    wanted: list[tuple[str, list[int]]] = []
+    if surprise or getattr(pol.selection, "policy_name", "") == "highest_loss":
+        wanted.append(("pending", [int(c["id"]) for c in documents.pending_chunks(db, track)]))
+    if surprise:
+        wanted.append(
+            ("learned holdout", [int(r["id"]) for r in documents.learned_holdout(db, track)])
+        )
+    if getattr(pol.replay, "policy_name", "") == "most_forgotten":
+        wanted.append(("replay", [int(r["chunk_id"]) for r in documents.replay_rows(db, track)]))
+    out: list[int] = []
+    reasons: list[str] = []
+    seen: set[int] = set()
+    for label, ids in wanted:
+        have = documents.scores(db, current, ids)
+        missing = [i for i in ids if i not in have and i not in seen]
+        seen.update(missing)
+        reasons.append(f"{label}: {len(missing)} of {len(ids)} chunks unscored")
+        out.extend(missing)
+    return {"adapter_version": current or "", "chunk_ids": out[:limit], "reasons": reasons}

@@ -326,3 +326,32 @@ def test_after_reject(
     )
     # nothing is ever deleted
     assert db.conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0] == 3
+
+
+def test_scoring_needs_follow_the_configured_policies(
+    tmp_path: Path, db: sqlite_utils.Database
+) -> None:
+    _, old, old_hold = add_doc(db, "old", [10, 10], holdout=1)
+    with transaction(db):
+        documents.mark_trained(db, old, stage_id=1)
+        documents.replay_add(db, "default", old, capacity=10, stage_id=1)
+    _, new, _ = add_doc(db, "new", [10, 10], holdout=0)
+    with transaction(db):
+        documents.put_scores(db, None, {new[0]: 1.0})
+
+    fifo_uniform = make_cfg(tmp_path, selection={"name": "fifo"})
+    assert engine.scoring_needs(fifo_uniform, db)["chunk_ids"] == []
+
+    everything = make_cfg(
+        tmp_path,
+        trigger={"name": "surprise", "ratio": 1.5},
+        replay={"name": "most_forgotten"},
+    )
+    needs = engine.scoring_needs(everything, db)
+    assert needs["adapter_version"] == ""
+    assert needs["chunk_ids"] == [new[1], *old_hold, *old]
+    assert needs["reasons"] == [
+        "pending: 1 of 2 chunks unscored",
+        "learned holdout: 1 of 1 chunks unscored",
+        "replay: 2 of 2 chunks unscored",
+    ]
