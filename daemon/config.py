@@ -91,10 +91,16 @@ class PolicyConfig:
                 },
             ]
         },
-        "Trigger policy tree: {name=..., params...} leaves combined with all=[...] / any=[...].",
+        "Trigger policy tree: {name=..., params...} leaves combined with all=[...] / any=[...]."
+        " Leaves: min_new_tokens(n), max_staleness(duration), cooldown(duration),"
+        " window(cron, duration, timezone, catch_up), surprise(ratio, min_scored, unscored),"
+        " serving_load(max_running, unreachable), resources(min_free_memory)."
+        " See policies/README.md.",
     )
     replay: dict = opt(
-        {"name": "uniform", "ratio": 0.5}, "Replay policy: name plus its parameters (ratio, ...)."
+        {"name": "uniform", "ratio": 0.5},
+        "Replay policy: uniform, recency(half_life), most_forgotten(explore) or balanced(by);"
+        " each takes ratio = replay tokens per new token.",
     )
     promotion: dict = opt(
         {
@@ -104,11 +110,12 @@ class PolicyConfig:
             "max_general_regression": 0.05,
             "max_eval_drop_points": 5.0,
         },
-        "Promotion gate: name plus thresholds.",
+        "Promotion gate: name plus thresholds (relative loss changes; eval drops in points).",
     )
     selection: dict = opt(
         {"name": "highest_loss", "token_budget": 200_000},
-        "Which pending chunks a stage trains on first, under a per-stage token budget.",
+        "Which pending chunks a stage trains on first, under token_budget (0 = all):"
+        " highest_loss (active learning; FIFO while unscored) or fifo.",
     )
     on_reject: str = opt(
         "retry", "What happens to a rejected stage's new data: 'retry' (stays pending) or 'drop'."

@@ -200,3 +200,13 @@ def test_validator_registered_once() -> None:
     config_mod.from_dict({})
     config_mod.from_dict({})
     assert config_mod._validators.count(spec.validate) == 1
+
+
+@pytest.mark.parametrize("kind", ["trigger", "replay", "selection"])
+def test_config_help_names_every_shipped_policy(kind: str) -> None:
+    """`evergreen config show --keys` documents every policy a user can name."""
+    helps = {path: text for path, _default, text in config_mod.iter_help()}
+    text = helps[f"policy.{kind}"]
+    for name in base.names(kind):
+        if not name.endswith("_test"):
+            assert name in text, f"policy.{kind} help does not mention {name!r}"
