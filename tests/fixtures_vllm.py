@@ -65,7 +65,7 @@ def make_lora(
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * scale)
     out = cfg.adapters_dir / version
-    peft_model.save_pretrained(out, safe_serialization=True)
+    peft_model.save_pretrained(str(out), safe_serialization=True)
     (out / "README.md").unlink(missing_ok=True)
     if register:
         db = open_db(cfg.db_path)

@@ -1,0 +1,241 @@
+"""Hot swap under load: failed requests, swap latency, and decode speed after swaps.
+
+One run, on a real vLLM CPU server managed by :class:`ManagedVLLM` and the tiny seed model:
+
+1. 8 client threads stream completions from the stable name (``evergreen``) without pause
+   while the swapper promotes 10 different adapters, one after another.
+2. Then decode speed under the stable name (now aliased to the last adapter) is compared
+   with the same adapter dir freshly loaded under a new name (the baseline), interleaved
+   in rounds so drift on the shared machine hits both alike.
+
+The last line printed is one JSON object: requests_total, requests_failed,
+swap_seconds_p50, swap_seconds_p99, post_swap_decode_ratio (stable s/token / fresh s/token),
+plus context fields. Usage: ``python benchmarks/swap.py [--base-model DIR] [--port N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from daemon import config as config_mod  # noqa: E402
+from daemon.serving.swap import Swapper  # noqa: E402
+from daemon.serving.vllm import ManagedVLLM  # noqa: E402
+from tests.fixtures_vllm import free_port, make_lora  # noqa: E402
+
+CLIENTS = 8
+SWAPS = 10
+STREAM_TOKENS = 24
+DECODE_TOKENS = 64
+DECODE_ROUNDS = 8
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    idx = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[idx]
+
+
+class Load:
+    """CLIENTS threads streaming completions from one model name until stopped."""
+
+    def __init__(self, url: str, key: str, model: str) -> None:
+        self.url, self.key, self.model = url, key, model
+        self.stop = threading.Event()
+        self.total = 0
+        self.failed = 0
+        self.errors: Counter[str] = Counter()
+        self.served_by: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def _one(self, http: httpx.Client, i: int) -> None:
+        body = {
+            "model": self.model,
+            "prompt": f"Request {i}: the",
+            "max_tokens": STREAM_TOKENS,
+            "temperature": 0.8,
+            "stream": True,
+        }
+        ok, error, served, chunks = False, "", "", 0
+        try:
+            with http.stream("POST", "/v1/completions", json=body) as resp:
+                if resp.status_code != 200:
+                    error = f"HTTP {resp.status_code}: {resp.read()[:200]!r}"
+                else:
+                    for line in resp.iter_lines():
+                        if not line.startswith("data: "):
+                            continue
+                        data = line[6:]
+                        if data == "[DONE]":
+                            ok = chunks > 0
+                            error = "" if ok else "no tokens"
+                            break
+                        event = json.loads(data)
+                        if "error" in event:
+                            error = str(event["error"])[:200]
+                            break
+                        served = event.get("model", served)
+                        chunks += 1
+                    else:
+                        error = error or "stream ended without [DONE]"
+        except (httpx.HTTPError, ValueError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            self.total += 1
+            if not ok:
+                self.failed += 1
+                self.errors[error] += 1
+            else:
+                self.served_by[served] += 1
+
+    def _worker(self, n: int) -> None:
+        headers = {"Authorization": f"Bearer {self.key}"}
+        with httpx.Client(base_url=self.url, headers=headers, timeout=120) as http:
+            i = 0
+            while not self.stop.is_set():
+                self._one(http, n * 100_000 + i)
+                i += 1
+
+    def run(self) -> list[threading.Thread]:
+        threads = [threading.Thread(target=self._worker, args=(n,)) for n in range(CLIENTS)]
+        for t in threads:
+            t.start()
+        return threads
+
+
+def seconds_per_token(http: httpx.Client, model: str) -> float:
+    body = {
+        "model": model,
+        "prompt": "The",
+        "max_tokens": DECODE_TOKENS,
+        "temperature": 0.0,
+        "ignore_eos": True,
+    }
+    started = time.perf_counter()
+    resp = http.post("/v1/completions", json=body)
+    elapsed = time.perf_counter() - started
+    resp.raise_for_status()
+    tokens = int(resp.json()["usage"]["completion_tokens"])
+    return elapsed / max(1, tokens)
+
+
+def decode_ratio(url: str, key: str, stable: str, fresh: str) -> tuple[float, float]:
+    headers = {"Authorization": f"Bearer {key}"}
+    stable_s: list[float] = []
+    fresh_s: list[float] = []
+    with httpx.Client(base_url=url, headers=headers, timeout=120) as http:
+        for model in (stable, fresh):  # warm both (first use may load weights)
+            seconds_per_token(http, model)
+        for r in range(DECODE_ROUNDS):
+            order = (stable, fresh) if r % 2 == 0 else (fresh, stable)
+            for model in order:
+                (stable_s if model == stable else fresh_s).append(seconds_per_token(http, model))
+    return statistics.median(stable_s), statistics.median(fresh_s)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base-model", default="", help="HF model dir (default: tiny seed)")
+    parser.add_argument("--port", type=int, default=0, help="vLLM port (default: 18100-18199)")
+    args = parser.parse_args()
+    t0 = time.monotonic()
+    state = Path(tempfile.mkdtemp(prefix="evergreen-bench-swap-"))
+    base = args.base_model
+    if not base:
+        from daemon.training.seed import ensure_seed_model
+
+        seed_cfg = config_mod.from_dict({"state_dir": str(state), "seed": {"size": "tiny"}})
+        print("building the tiny seed model ...", flush=True)
+        base = str(ensure_seed_model(seed_cfg))
+    cfg = config_mod.from_dict(
+        {
+            "state_dir": str(state),
+            "base_model": base,
+            "seed": {"size": "tiny"},
+            "serving": {
+                "port": args.port or free_port(),
+                "max_lora_rank": 16,
+                "max_loras": 4,
+                "max_model_len": 512,
+            },
+        }
+    )
+    versions = [f"v{i:04d}" for i in range(1, SWAPS + 1)]
+    print(f"writing {SWAPS} adapters ...", flush=True)
+    for i, version in enumerate(versions, start=1):
+        make_lora(cfg, version, seed=i)
+    server = ManagedVLLM(cfg)
+    print(f"starting vLLM on {server.url} (log {server.log_path}) ...", flush=True)
+    server.start()
+    try:
+        if not server.wait_healthy():
+            print(server.log_tail(), file=sys.stderr)
+            return 1
+        swapper = Swapper(cfg, [server.endpoint])
+        swapper.reconcile()
+        stable = cfg.serving.model_name
+        load = Load(server.url, server.api_key, stable)
+        threads = load.run()
+        time.sleep(3)  # clients in full flow before the first swap
+        durations: list[float] = []
+        for version in versions:
+            result = swapper.promote(version, reason="benchmark")
+            durations.append(result.seconds)
+            print(f"  swap -> {version}: {result.seconds:.3f}s", flush=True)
+            time.sleep(1.0)
+        time.sleep(2)
+        load.stop.set()
+        for t in threads:
+            t.join()
+        fresh = f"bench-fresh-{versions[-1]}"
+        server.endpoint.load_lora(fresh, cfg.adapters_dir.resolve() / versions[-1])
+        stable_spt, fresh_spt = decode_ratio(server.url, server.api_key, stable, fresh)
+    finally:
+        server.stop()
+    ratio = stable_spt / fresh_spt
+    p50, p99 = percentile(durations, 50), percentile(durations, 99)
+    print()
+    print(f"requests: {load.total} streamed by {CLIENTS} clients, {load.failed} failed")
+    for error, n in load.errors.most_common(5):
+        print(f"  {n} x {error}")
+    print(f"served by: {dict(sorted(load.served_by.items()))}")
+    print(f"swaps: {SWAPS}, p50 {p50:.3f}s, p99 {p99:.3f}s, max {max(durations):.3f}s")
+    print(
+        f"decode after swaps: stable {stable_spt * 1000:.2f} ms/token, fresh "
+        f"{fresh_spt * 1000:.2f} ms/token, ratio {ratio:.3f}"
+    )
+    print(
+        json.dumps(
+            {
+                "requests_total": load.total,
+                "requests_failed": load.failed,
+                "swap_seconds_p50": round(p50, 4),
+                "swap_seconds_p99": round(p99, 4),
+                "post_swap_decode_ratio": round(ratio, 4),
+                "swaps": SWAPS,
+                "clients": CLIENTS,
+                "versions_served": len(load.served_by),
+                "stable_ms_per_token": round(stable_spt * 1000, 3),
+                "fresh_ms_per_token": round(fresh_spt * 1000, 3),
+                "mechanism": "alias (evergreen vLLM plugin)",
+                "wall_seconds": round(time.monotonic() - t0, 1),
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
