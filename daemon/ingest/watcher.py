@@ -38,6 +38,7 @@ log = logging.getLogger("evergreen.ingest.watcher")
 MAX_IDLE_WAIT_S = 60.0  # longest sleep of the worker when nothing is pending
 MIN_WAIT_S = 0.05  # shortest sleep while files are pending (no spin on clock jitter)
 NO_OBSERVER_RESCAN_S = 10.0  # rescan period when inotify cannot be used
+EVENT_COALESCE_S = 0.1  # batch events for this long after a wakeup
 ERROR_BACKOFF_S = 1.0  # pause after an unexpected error in the worker loop
 STOP_TIMEOUT_S = 30.0
 
@@ -182,6 +183,7 @@ class InboxWatcher:
         now = time.monotonic()
         with self._lock:
             item = self._pending.get(path)
+            new = item is None
             if item is None:
                 item = self._pending[path] = _Pending(changed_at=now)
             if closed:
@@ -189,7 +191,9 @@ class InboxWatcher:
             else:
                 item.changed_at, item.closed = now, False
             item.gen += 1
-        self._wake.set()
+        # A further write to a pending file only postpones it: no need to wake the worker.
+        if new or closed:
+            self._wake.set()
 
     def _forget(self, path: str) -> None:
         with self._lock:
@@ -248,8 +252,10 @@ class InboxWatcher:
         next_due = self._ingest_due()
         wait = min(next_due, next_rescan) - time.monotonic()
         wait = min(max(wait, MIN_WAIT_S), MAX_IDLE_WAIT_S)
-        if self._requests.empty() and not self._stop.is_set():
-            self._wake.wait(wait)
+        if self._requests.empty() and not self._stop.is_set() and self._wake.wait(wait):
+            # Woken by an event: let a burst (a bulk copy) accumulate before the next pass,
+            # so the loop runs at most ~1/EVENT_COALESCE_S times a second under load.
+            self._stop.wait(EVENT_COALESCE_S)
         self._wake.clear()
         return next_rescan
 
@@ -271,10 +277,13 @@ class InboxWatcher:
         A file whose mtime is older than the quiet period counts as settled already.
         """
         assert self._ingester is not None
+        prefix = root.rstrip(os.sep) + os.sep
+        # Paths under root sort between "root/" and "root0" ('0' follows '/'): a PK range.
         known = {
             row[0]: (row[1], row[2])
             for row in self._ingester.db.conn.execute(
-                "SELECT path, size, mtime FROM files WHERE track = ?", (self.cfg.track,)
+                "SELECT path, size, mtime FROM files WHERE path >= ? AND path < ? AND track = ?",
+                (prefix, prefix[:-1] + chr(ord(os.sep) + 1), self.cfg.track),
             )
         }
         mono, wall = time.monotonic(), time.time()
@@ -325,13 +334,20 @@ class InboxWatcher:
                     return float("inf")
 
     def _collect_due(self) -> tuple[list[tuple[str, int]], float]:
-        """Stat pending files; those stable now are due. Also: the next time one could be."""
+        """Pending files stable now (due), and the next time another one could be.
+
+        Only files due by their event times are stat'ed; a size or mtime that changed
+        without an event (lost events, polling mode) restarts their quiet period.
+        """
         with self._lock:
             items = list(self._pending.items())
         now = time.monotonic()
         due: list[tuple[str, int]] = []
         next_due = float("inf")
         for path, item in items:
+            if not item.closed and now - item.changed_at < self.quiet:
+                next_due = min(next_due, item.changed_at + self.quiet)
+                continue  # not due by its events yet: no stat needed
             try:
                 st = os.stat(path)
                 sig: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
