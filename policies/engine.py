@@ -20,7 +20,8 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, tzinfo
 from typing import Any
 
@@ -48,6 +49,17 @@ def _local_tz() -> tzinfo:
     tz = datetime.now().astimezone().tzinfo
     assert tz is not None
     return tz
+
+
+@contextmanager
+def _tx(db: sqlite_utils.Database) -> Iterator[None]:
+    """A write transaction, or the caller's if it already holds one (so the runner may
+    call :func:`after_reject` inside its own transaction)."""
+    if db.conn.in_transaction:
+        yield
+        return
+    with transaction(db):
+        yield
 
 
 def _kv_key(name: str, track: str) -> str:
@@ -170,7 +182,7 @@ def explain_next(
     now = time.time() if now is None else now
     pol = build_all(cfg)
     if record:
-        with transaction(db):
+        with _tx(db):
             _record_tick(cfg, db, now)
     state = build_state(
         cfg,
@@ -227,7 +239,7 @@ def explain_next(
     if record:
         sig = _signature(fire, blocked, decision)
         key = _kv_key("decision_sig", cfg.track)
-        with transaction(db):
+        with _tx(db):
             if kv.get(db, key) != sig:
                 kv.put(db, key, sig)
                 events.record(
@@ -338,7 +350,7 @@ def after_reject(
         plan = json.loads(plan or "{}")
     new_ids = [int(i) for i in plan.get("new_chunk_ids", [])]
     pc = cfg.policy
-    with transaction(db):
+    with _tx(db):
         attempts = documents.bump_attempts(db, new_ids)
         if pc.on_reject == "drop":
             aside = sorted(attempts)

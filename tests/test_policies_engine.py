@@ -355,3 +355,12 @@ def test_scoring_needs_follow_the_configured_policies(
         "learned holdout: 1 of 1 chunks unscored",
         "replay: 2 of 2 chunks unscored",
     ]
+
+
+def test_after_reject_inside_callers_transaction(tmp_path: Path, db: sqlite_utils.Database) -> None:
+    cfg = make_cfg(tmp_path)
+    _, train, _ = add_doc(db, "a", [100])
+    sid = add_stage(db, stages.REJECTED, T0, plan={"new_chunk_ids": train})
+    with transaction(db):  # the runner marks the stage and handles its data atomically
+        result = engine.after_reject(cfg, db, sid)
+    assert result["retry"] == train
