@@ -388,3 +388,10 @@ def test_cli_ingest_and_status_json(cfg: Config, inbox: Path) -> None:
 
     result = runner.invoke(main, [*base, "ingest", str(inbox)])
     assert result.exit_code == 0 and "unchanged" in result.stdout
+
+
+def test_every_quarantine_reason_has_a_metrics_label() -> None:
+    from daemon.ingest.parsers import REASONS
+    from daemon.metrics import QUARANTINE_REASONS
+
+    assert set(REASONS) <= set(QUARANTINE_REASONS)

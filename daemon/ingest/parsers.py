@@ -30,7 +30,6 @@ TOO_LARGE = "too_large"
 UNDECODABLE = "undecodable"
 MALFORMED_JSONL = "malformed_jsonl"
 BROKEN_PDF = "broken_pdf"
-BROKEN_HTML = "broken_html"
 EMPTY = "empty"
 TOO_SHORT = "too_short"
 GARBAGE = "garbage"
@@ -42,7 +41,6 @@ REASONS = (
     UNDECODABLE,
     MALFORMED_JSONL,
     BROKEN_PDF,
-    BROKEN_HTML,
     EMPTY,
     TOO_SHORT,
     GARBAGE,
@@ -109,7 +107,7 @@ def parse(data: bytes, suffix: str) -> Parsed:
     except RecursionError:
         raise Quarantine(GARBAGE, "structure nested too deeply") from None
     except Exception as exc:  # a parser library bug or an input it chokes on
-        reason = {"pdf": BROKEN_PDF, "html": BROKEN_HTML}.get(fmt, UNDECODABLE)
+        reason = BROKEN_PDF if fmt == "pdf" else UNDECODABLE
         raise Quarantine(reason, f"{type(exc).__name__}: {exc}"[:300]) from None
 
 
