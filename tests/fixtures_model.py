@@ -8,6 +8,7 @@ whose ``base_model`` points at it, so stages and serving use that model without 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,3 +48,32 @@ def tiny_cfg(tmp_path: Path, tiny_seed_model: Path) -> Config:
     state = tmp_path / "state"
     state.mkdir(exist_ok=True)
     return make_tiny_cfg(state, tiny_seed_model)
+
+
+def add_doc(
+    db: Any,
+    texts: list[str],
+    *,
+    holdout: list[str] = (),
+    kind: str = "text",
+    track: str = "default",
+    path: str | None = None,
+) -> int:
+    """Insert one ingested document with train chunks ``texts`` and holdout chunks."""
+    import hashlib
+
+    from store import documents
+
+    chunks = [documents.ChunkIn(t, max(1, len(t) // 4), "train", kind) for t in texts]
+    chunks += [documents.ChunkIn(t, max(1, len(t) // 4), "holdout", kind) for t in holdout]
+    digest = hashlib.sha256("\x1e".join(texts + list(holdout)).encode()).hexdigest()
+    return documents.insert_document(
+        db,
+        track=track,
+        path=path or f"/inbox/{digest[:12]}.txt",
+        content_hash=digest,
+        size=sum(map(len, texts)),
+        mtime=0.0,
+        fmt="txt",
+        chunks=chunks,
+    )

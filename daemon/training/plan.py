@@ -1,0 +1,125 @@
+"""Writing a stage's plan: everything the stage subprocess needs, decided up front.
+
+Data selection comes from the policies (:func:`policies.engine.plan_stage`); this module
+adds the rest (base model, parent adapter, hyper-parameters, output version, evaluation
+sets, data hashes) and writes it with :func:`store.stages.create`. Torch-free: it runs
+in the daemon process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from daemon.config import Config
+from store import adapters, documents, stages
+
+MAX_RETENTION_CHUNKS = 128
+GENERAL_HOLDOUT = "general_holdout.txt"  # written by daemon.training.seed
+
+
+class PlanError(RuntimeError):
+    """The stage cannot be planned (the message says why)."""
+
+
+def chunk_hash(db: sqlite_utils.Database, ids: list[int]) -> str:
+    h = hashlib.sha256()
+    for c in documents.chunks_by_ids(db, ids):
+        h.update(f"{c['id']}\x1f{c['kind']}\x1f".encode())
+        h.update(c["text"].encode("utf-8"))
+        h.update(b"\x1e")
+    return h.hexdigest()
+
+
+def base_model_hash(path: Path) -> str:
+    """A cheap identity of the base model: hash of its config, tokenizer and weight sizes."""
+    h = hashlib.sha256()
+    for name in sorted(p.name for p in path.iterdir() if p.is_file()):
+        f = path / name
+        if name.endswith((".json", ".txt", ".model", ".jinja")) and f.stat().st_size < 50_000_000:
+            h.update(name.encode() + b"\0" + f.read_bytes())
+        elif name.endswith(".safetensors"):
+            h.update(f"{name}\0{f.stat().st_size}".encode())
+    return h.hexdigest()
+
+
+def general_eval_path(cfg: Config) -> str:
+    if cfg.training.general_eval:
+        return str(Path(cfg.training.general_eval).expanduser().absolute())
+    cand = cfg.resolved_base_model() / GENERAL_HOLDOUT
+    return str(cand) if cand.is_file() else ""
+
+
+def retention_ids(db: sqlite_utils.Database, track: str, exclude: set[int], seed: int) -> list[int]:
+    rows = [int(r["id"]) for r in documents.learned_holdout(db, track)]
+    rows = [r for r in rows if r not in exclude]
+    if len(rows) > MAX_RETENTION_CHUNKS:
+        rows = sorted(random.Random(seed).sample(rows, MAX_RETENTION_CHUNKS))
+    return rows
+
+
+def build_plan(cfg: Config, db: sqlite_utils.Database, selection: dict[str, Any]) -> dict[str, Any]:
+    """The full plan for ``selection`` (the output of ``policies.engine.plan_stage``)."""
+    base = cfg.resolved_base_model()
+    if not (base / "config.json").is_file():
+        raise PlanError(f"base model {base} is missing (run `evergreen seed-model`)")
+    parent = selection.get("parent_version")
+    parent_path = ""
+    if parent:
+        row = adapters.get(db, parent)
+        if row is None or not Path(row["path"]).is_dir():
+            raise PlanError(f"parent adapter {parent} is not on disk")
+        parent_path = str(row["path"])
+    init = parent_path
+    if not init and cfg.training.base_adapter:
+        init = str(Path(cfg.training.base_adapter).expanduser().absolute())
+        if not (Path(init) / "adapter_config.json").is_file():
+            raise PlanError(f"training.base_adapter {init} is not a PEFT adapter dir")
+    new_ids = [int(i) for i in selection["new_chunk_ids"]]
+    replay_ids = [int(i) for i in selection.get("replay_chunk_ids", [])]
+    version = adapters.next_version(db)
+    hp = dataclasses.asdict(cfg.training)
+    return {
+        **selection,
+        "track": cfg.track,
+        "new_chunk_ids": new_ids,
+        "replay_chunk_ids": replay_ids,
+        "holdout_chunk_ids": [int(i) for i in selection.get("holdout_chunk_ids", [])],
+        "retention_chunk_ids": retention_ids(
+            db, cfg.track, set(new_ids) | set(replay_ids), cfg.training.seed
+        ),
+        "base_model": str(base),
+        "base_model_sha256": base_model_hash(base),
+        "parent_version": parent,
+        "parent_path": parent_path,
+        "init_adapter": init,
+        "output_version": version,
+        "output_dir": str(cfg.adapters_dir / version),
+        "hparams": hp,
+        "general_eval": general_eval_path(cfg),
+        "eval_sets": [str(Path(p).expanduser().absolute()) for p in cfg.training.eval_sets],
+        "eval_match": cfg.training.eval_match,
+        "new_sha256": chunk_hash(db, new_ids),
+        "replay_sha256": chunk_hash(db, replay_ids),
+    }
+
+
+def write_plan(cfg: Config, db: sqlite_utils.Database) -> int | None:
+    """Plan the next stage and write it to the store; None when nothing is pending."""
+    from policies import engine
+
+    selection = engine.plan_stage(cfg, db)
+    if selection is None or not selection.get("new_chunk_ids"):
+        return None
+    plan = build_plan(cfg, db, selection)
+    stage_id = stages.create(db, plan, track=cfg.track, parent_version=plan["parent_version"])
+    stage_dir = cfg.stages_dir / str(stage_id)
+    plan["stage_dir"] = str(stage_dir)
+    db.conn.execute("UPDATE stages SET plan = ? WHERE id = ?", (json.dumps(plan), stage_id))
+    return stage_id
