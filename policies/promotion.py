@@ -9,10 +9,13 @@ Metrics are the evaluator's (lower loss is better; eval sets score 0–100 point
 * ``eval:<name>``: no user eval set may drop by more than ``max_eval_drop_points``.
 
 Anything not finite, or missing where a comparison is required, rejects: a broken
-evaluation must never promote. ``new_loss`` and ``general_loss`` are always required;
-``retention_loss`` and each ``eval:<name>`` are required once the baseline has them
-(before anything is learned there is no retention set to compare). Every failing
-criterion is listed in the reasons, passing ones too, so a rejection reads as a report.
+evaluation must never promote. ``new_loss`` is always required, and so is every metric
+listed in ``required``. Any other dimension is required once the baseline has it: the
+baseline and the candidate are measured by the same evaluation run, so a metric only the
+baseline has means the candidate's evaluation broke, while a metric neither has means
+that set does not exist (nothing learned yet, so no retention set; no general anchor
+configured) and is reported as not compared. Every criterion, failing or passing, is in
+the reasons, so a rejection reads as a report.
 """
 
 from __future__ import annotations
@@ -24,7 +27,19 @@ from typing import Any
 from policies.base import Decision, Params, param, register
 from policies.units import fraction, nonneg_float
 
-REQUIRED = ("new_loss", "general_loss")
+ALWAYS_REQUIRED = ("new_loss",)
+DIMENSIONS = ("new_loss", "retention_loss", "general_loss")
+
+
+def _metric_names(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"must be a list of metric names, got {value!r}")
+    for name in value:
+        if name not in DIMENSIONS and not name.startswith("eval:"):
+            raise ValueError(
+                f"unknown metric {name!r} (use {', '.join(DIMENSIONS)} or eval:<name>)"
+            )
+    return list(value)
 
 
 def _num(metrics: dict[str, Any], key: str) -> float | None:
@@ -61,6 +76,14 @@ class Gate(Params):
     max_eval_drop_points: float = param(
         nonneg_float, 5.0, help="Largest drop of any user eval set, in points (0-100)."
     )
+    required: list = param(
+        _metric_names,
+        [],
+        help="Metrics that must exist even without a baseline (new_loss always does).",
+    )
+
+    def _needed(self, key: str) -> bool:
+        return key in ALWAYS_REQUIRED or key in self.required
 
     def decide(self, candidate: dict[str, Any], baseline: dict[str, Any]) -> Decision:
         r = _Report(candidate, baseline)
@@ -93,10 +116,11 @@ class Gate(Params):
         )
 
     def _loss(self, r: _Report, key: str, label: str, limit: float) -> None:
-        if key not in REQUIRED and _num(r.baseline, key) is None:
+        if not self._needed(key) and _num(r.baseline, key) is None:
             if r.candidate_not_finite(key):
                 return
-            r.passed.append(f"{label} loss: no baseline yet (nothing learned), not compared")
+            why = "nothing learned yet" if key == "retention_loss" else "no anchor set"
+            r.passed.append(f"{label} loss: not measured ({why}), not compared")
             return
         pair = r.pair(key)
         if pair is None:
@@ -109,9 +133,10 @@ class Gate(Params):
         )
 
     def _evals(self, r: _Report) -> None:
-        keys = sorted(k for k in set(r.candidate) | set(r.baseline) if k.startswith("eval:"))
+        present = set(r.candidate) | set(r.baseline) | set(self.required)
+        keys = sorted(k for k in present if k.startswith("eval:"))
         for key in keys:
-            if _num(r.baseline, key) is None:
+            if not self._needed(key) and _num(r.baseline, key) is None:
                 if not r.candidate_not_finite(key):
                     r.passed.append(f"{key}: new eval set, no baseline to compare")
                 continue

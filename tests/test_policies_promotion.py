@@ -99,13 +99,27 @@ def test_first_stage_without_retention_baseline() -> None:
     base = {"new_loss": 3.0, "general_loss": 2.5}
     d = decide({"new_loss": 2.0, "general_loss": 2.5}, base)
     assert d.fire is True
-    assert "retention loss: no baseline yet (nothing learned), not compared" in d.reasons
+    assert "retention loss: not measured (nothing learned yet), not compared" in d.reasons
     # ...but a NaN the candidate reports there still is
     d = decide({"new_loss": 2.0, "general_loss": 2.5, "retention_loss": math.nan}, base)
     assert d.fire is False
-    # and general_loss is always required
+    # new_loss is always required
+    d = decide({"general_loss": 2.5}, {"general_loss": 2.5})
+    assert d.data["failed"] == ["new_loss: missing from the candidate's metrics"]
+
+
+def test_no_general_anchor_on_either_side_is_reported_not_compared() -> None:
     d = decide({"new_loss": 2.0}, {"new_loss": 3.0})
-    assert d.data["failed"] == ["general_loss: missing from the candidate's metrics"]
+    assert d.fire is True
+    assert "general loss: not measured (no anchor set), not compared" in d.reasons
+
+
+@pytest.mark.parametrize("dim", ["general_loss", "retention_loss", "eval:qa"])
+def test_required_metrics_must_exist_even_without_baseline(dim: str) -> None:
+    policy = build("promotion", {**SPEC, "required": [dim]}, "policy.promotion")
+    d = policy.decide({"new_loss": 2.0}, {"new_loss": 3.0})
+    assert d.fire is False
+    assert d.data["failed"] == [f"{dim}: missing from the candidate's metrics"]
 
 
 def test_new_eval_set_without_baseline_is_not_compared() -> None:

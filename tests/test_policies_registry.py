@@ -160,6 +160,11 @@ BAD_CONFIGS: list[tuple[dict[str, Any], str, str]] = [
         "policy.promotion.min_new_improvement",
         "must be a number between 0 and 1, got 5",
     ),
+    (
+        {"promotion": {"required": ["accuracy"]}},
+        "policy.promotion.required",
+        "unknown metric 'accuracy' (use new_loss, retention_loss, general_loss or eval:<name>)",
+    ),
     ({"selection": {"name": "random"}}, "policy.selection.name", "unknown selection policy"),
     (
         {"selection": {"name": "highest_loss", "token_budget": -1}},
