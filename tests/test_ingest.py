@@ -395,3 +395,20 @@ def test_every_quarantine_reason_has_a_metrics_label() -> None:
     from daemon.metrics import QUARANTINE_REASONS
 
     assert set(REASONS) <= set(QUARANTINE_REASONS)
+
+
+def test_empty_file_filled_later_is_ingested_without_a_false_supersede(
+    cfg: Config, inbox: Path
+) -> None:
+    path = write(inbox / "later.txt", b"")
+    write(inbox / "other-empty.txt", b"")
+    first = ingest_paths(cfg, [inbox])
+    assert first["outcomes"]["quarantined"] == 2
+    assert len(docs(cfg)) == 1  # one empty content, stored once
+    write(path, LOREM)
+    bump_mtime(path)
+    summary = ingest_paths(cfg, [inbox])
+    assert summary["outcomes"]["ingested"] == 1 and summary["outcomes"]["superseded"] == 0
+    assert events_of(cfg, "ingest.superseded") == []
+    (row,) = rows(cfg, "SELECT status FROM files WHERE path = ?", (str(path),))
+    assert row["status"] == "ingested"

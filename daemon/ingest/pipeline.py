@@ -354,9 +354,13 @@ class Ingester:
             error=error if outcome == QUARANTINED else None,
         )
         superseded = None
+        # The old version is retired unless another path still carries it. A quarantined
+        # old version (say the file was empty when first seen) has nothing to retire.
         if (
             prev_doc is not None
             and prev_doc != doc_id
+            and prev is not None
+            and prev["status"] != documents.QUARANTINED
             and documents.other_files_of(db, prev_doc, path) == 0
         ):
             documents.supersede_document(db, prev_doc)
