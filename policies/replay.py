@@ -123,39 +123,80 @@ class MostForgotten(_ReplayBase):
     """Chunks whose loss under the current adapter rose the most since they were learned.
 
     forgetting = current loss (``chunk_scores`` under the current adapter) − learned loss
-    (``chunks.learned_loss``, set at promotion). Unscored chunks come after the scored
-    ones, in random order, and the reasons say how many were scored. ``explore`` keeps a
-    share of the budget for uniformly drawn chunks, so a stale score cannot starve the rest.
+    (``chunks.learned_loss``, set at promotion). Chunks without both numbers get a cheap
+    estimate (``unscored = "estimate"``, default): the mean forgetting of scored chunks
+    learned in the same stage, else of all scored chunks. Without the estimate a scorer
+    that only rescored the last stage's replay picks would make the policy replay those
+    same chunks forever. ``unscored = "last"`` puts them after all scored chunks instead.
+    ``explore`` draws that share of picks uniformly, so a stale score cannot starve the rest.
     """
 
     ratio: float = param(_ratio, 0.5, help="Replay tokens per new token of the stage.")
     explore: float = param(fraction, 0.0, help="Share of picks drawn uniformly instead.")
+    unscored: str = param(
+        choice("estimate", "last"), "estimate", help="Rank unscored chunks by an estimate, or last."
+    )
 
     def order(
         self, candidates: list[ReplayCandidate], rng: random.Random
     ) -> tuple[list[ReplayCandidate], list[str]]:
-        scored = [
-            c for c in candidates if c.current_loss is not None and c.learned_loss is not None
-        ]
-        unscored = [c for c in candidates if c not in scored]
+        rise: dict[int, float] = {
+            c.chunk_id: c.current_loss - c.learned_loss
+            for c in candidates
+            if c.current_loss is not None and c.learned_loss is not None
+        }
+        unscored = [c for c in candidates if c.chunk_id not in rise]
         rng.shuffle(unscored)
-        scored.sort(key=lambda c: (c.current_loss or 0.0) - (c.learned_loss or 0.0), reverse=True)
         notes: list[str] = []
-        if not scored:
+        if not rise:
             notes.append("no replay chunk scored under the current adapter yet: uniform order")
+            ordered = unscored
         else:
-            top = scored[0]
             notes.append(
-                f"{len(scored)} of {len(candidates)} candidates scored; largest loss rise"
-                f" {(top.current_loss or 0) - (top.learned_loss or 0):+.3f}"
+                f"{len(rise)} of {len(candidates)} candidates scored; largest loss rise"
+                f" {max(rise.values()):+.3f}"
             )
-            if unscored:
-                notes.append(f"{len(unscored)} unscored candidates come after the scored ones")
-        ordered = scored + unscored
+            key = self._estimates(candidates, rise)
+            if unscored and self.unscored == "estimate":
+                notes.append(
+                    f"{len(unscored)} unscored candidates ranked by the mean rise of their"
+                    " stage (estimate)"
+                )
+                ordered = sorted(
+                    candidates,
+                    key=lambda c: (key[c.chunk_id], c.chunk_id in rise),
+                    reverse=True,
+                )
+            else:
+                scored = sorted(
+                    (c for c in candidates if c.chunk_id in rise),
+                    key=lambda c: rise[c.chunk_id],
+                    reverse=True,
+                )
+                if unscored:
+                    notes.append(f"{len(unscored)} unscored candidates come after the scored ones")
+                ordered = scored + unscored
         if self.explore > 0 and ordered:
             ordered = _interleave(ordered, self.explore, rng)
             notes.append(f"{self.explore:.0%} of picks drawn uniformly (explore)")
         return ordered, notes
+
+    @staticmethod
+    def _estimates(candidates: list[ReplayCandidate], rise: dict[int, float]) -> dict[int, float]:
+        """Measured rise, or the mean rise of the chunk's stage (else of all scored)."""
+        by_stage: dict[int | None, list[float]] = defaultdict(list)
+        for c in candidates:
+            if c.chunk_id in rise:
+                by_stage[c.stage_id].append(rise[c.chunk_id])
+        overall = sum(rise.values()) / len(rise)
+        out: dict[int, float] = {}
+        for c in candidates:
+            if c.chunk_id in rise:
+                out[c.chunk_id] = rise[c.chunk_id]
+            else:
+                same = by_stage.get(c.stage_id)
+                out[c.chunk_id] = sum(same) / len(same) if same else overall
+        return out
 
 
 def _interleave(

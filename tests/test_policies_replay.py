@@ -61,11 +61,28 @@ def test_most_forgotten_orders_by_loss_rise() -> None:
         cand(4, learned_loss=1.0, current_loss=1.9),  # +0.9
         cand(5),  # unscored: after the scored ones
     ]
-    policy = replay({"name": "most_forgotten", "ratio": 1.0})
-    pick = policy.plan(pool, 30, random.Random(0))
+    last = replay({"name": "most_forgotten", "ratio": 1.0, "unscored": "last"})
+    pick = last.plan(pool, 30, random.Random(0))
     assert pick.chunk_ids == [2, 4, 1]
     assert "4 of 5 candidates scored; largest loss rise +1.500" in pick.reasons
     assert "1 unscored candidates come after the scored ones" in pick.reasons
+    # default: the unscored chunk is ranked by the mean rise (+0.375), ahead of chunk 1 (+0.1)
+    pick = replay({"name": "most_forgotten", "ratio": 1.0}).plan(pool, 30, random.Random(0))
+    assert pick.chunk_ids == [2, 4, 5]
+    assert "1 unscored candidates ranked by the mean rise of their stage (estimate)" in pick.reasons
+
+
+def test_most_forgotten_estimates_unscored_from_their_stage() -> None:
+    """A scorer that rescored only stage 2 must not lock replay onto stage 2 forever."""
+    pool = [
+        cand(1, stage_id=1, learned_loss=1.0, current_loss=3.0),  # stage 1 forgot +2.0
+        cand(2, stage_id=1),  # unscored, estimate +2.0
+        cand(3, stage_id=2, learned_loss=1.0, current_loss=1.5),  # +0.5
+        cand(4, stage_id=2, learned_loss=1.0, current_loss=1.2),  # +0.2
+        cand(5, stage_id=2),  # unscored, estimate +0.35
+    ]
+    ids = replay({"name": "most_forgotten", "ratio": 1.0}).select(pool, 50, random.Random(0))
+    assert ids == [1, 2, 3, 5, 4]
 
 
 def test_most_forgotten_without_scores_says_so() -> None:
