@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -412,3 +413,36 @@ def test_empty_file_filled_later_is_ingested_without_a_false_supersede(
     assert events_of(cfg, "ingest.superseded") == []
     (row,) = rows(cfg, "SELECT status FROM files WHERE path = ?", (str(path),))
     assert row["status"] == "ingested"
+
+
+def test_lone_surrogates_from_json_escapes_are_replaced_not_fatal(cfg: Config, inbox: Path) -> None:
+    write(inbox / "s.jsonl", '{"text": "broken escape \\ud800 inside an otherwise fine record"}\n')
+    write(inbox / "ok.txt", LOREM)
+    summary = ingest_paths(cfg, [inbox])
+    assert summary["outcomes"]["ingested"] == 2, summary
+    assert any("\ufffd" in c["text"] for c in chunks(cfg))
+
+
+def test_one_failing_file_does_not_poison_its_batch(
+    cfg: Config, inbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection: storing one file raises; the rest of the batch still lands."""
+    from store import documents as documents_mod
+
+    real_insert = documents_mod.insert_document
+
+    def flaky_insert(db: Any, **kw: Any) -> int:
+        if kw["path"].endswith("poison.txt") and kw["status"] == "ingested":
+            raise ValueError("injected failure")
+        return real_insert(db, **kw)
+
+    monkeypatch.setattr(documents_mod, "insert_document", flaky_insert)
+    for name in ("a.txt", "poison.txt", "z.txt"):
+        write(inbox / name, f"{LOREM} {name}")
+    summary = ingest_paths(cfg, [inbox])
+    assert summary["outcomes"]["ingested"] == 2
+    assert summary["outcomes"]["quarantined"] == 1
+    (err,) = summary["errors"]
+    assert err["path"].endswith("poison.txt")
+    assert err["error"].startswith("unreadable: internal error: ValueError")
+    assert chunks(cfg) and all("poison" not in c["text"] for c in chunks(cfg))

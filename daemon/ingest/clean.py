@@ -17,6 +17,7 @@ _NEWLINES = re.compile(r"\r\n?|[\u2028\u2029\x0b\x0c\x85]")
 _ODD_SPACES = re.compile(r"[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
 _TRAILING = re.compile(r"[ \t]+\n")
 _BLANK_RUNS = re.compile(r"\n{3,}")
+_SURROGATES = re.compile(r"[\ud800-\udfff]")
 _ZERO_WIDTH = re.compile(r"[\u200b\u2060\ufeff]")
 # Characters that signal binary junk: C0/C1 controls except tab/newline, U+FFFD, and
 # anything in the surrogate range (cannot occur in valid text).
@@ -26,6 +27,8 @@ _GARBAGE_CHARS = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f\ufffd\ud800-\udfff]")
 def normalise(text: str) -> str:
     """NFC + whitespace normalisation (indentation preserved)."""
     if not text.isascii():
+        # Lone surrogates (from JSON "\ud800" escapes) cannot be stored as UTF-8.
+        text = _SURROGATES.sub("\ufffd", text)
         text = unicodedata.normalize("NFC", text)
         text = _ODD_SPACES.sub(" ", text)
         text = _ZERO_WIDTH.sub("", text)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sqlite3
 import stat as stat_mod
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -161,7 +162,7 @@ class Ingester:
             with transaction(self.db):
                 for i, p in enumerate(batch):
                     if p.skip is None:
-                        results[i] = self._apply(p)
+                        results[i] = self._apply_isolated(p)
                 ingested = [o for o in results.values() if o.outcome == INGESTED]
                 if ingested:
                     events.record(
@@ -295,6 +296,35 @@ class Ingester:
         )
 
     # ------------------------------------------------------------------ apply
+    def _apply_isolated(self, p: Prepared) -> Outcome:
+        """:meth:`_apply` in a savepoint, so one file's bug cannot poison its whole batch.
+
+        SQLite operational errors (locked, disk full) are re-raised: the batch is retried
+        later. Anything else quarantines just this file with an ``unreadable`` reason.
+        """
+        conn = self.db.conn
+        conn.execute("SAVEPOINT ingest_file")
+        try:
+            outcome = self._apply(p)
+        except sqlite3.OperationalError:
+            raise
+        except Exception as exc:
+            conn.execute("ROLLBACK TO ingest_file")
+            conn.execute("RELEASE ingest_file")
+            log.exception("could not store %s; quarantining it", p.path)
+            key = f"{p.path}\0{p.size}\0{p.mtime}".encode("utf-8", "replace")
+            failed = Prepared(
+                p.path,
+                size=p.size,
+                mtime=p.mtime,
+                fmt=p.fmt or "unknown",
+                content_hash="quarantine:error:" + hashlib.sha256(key).hexdigest(),
+                quarantine=Quarantine(parsers.UNREADABLE, f"internal error: {exc!r}"[:300]),
+            )
+            return self._apply(failed)
+        conn.execute("RELEASE ingest_file")
+        return outcome
+
     def _apply(self, p: Prepared) -> Outcome:
         """Decide and write one file inside the caller's transaction."""
         db, track, path = self.db, self.track, p.path
