@@ -41,6 +41,7 @@ log = logging.getLogger("evergreen.service")
 LOOP_INTERVAL_S = 1.0  # main loop wake-up; everything else is paced by its own interval
 METRICS_REFRESH_S = 5.0  # store-derived gauges (pending tokens, staleness)
 HEALTHY_LOOP_AGE_S = 30.0  # /healthz fails when the main loop has not run for this long
+SUPERVISE_INTERVAL_S = 3.0  # one vLLM /health probe per interval (restart with backoff)
 
 
 class ServiceError(RuntimeError):
@@ -137,7 +138,6 @@ class Service:
         self.worker: StageWorker | None = None
         self.http: Any = None
         self._db: Any = None
-        self._swap_lock = threading.Lock()
 
     # ------------------------------------------------------------------ callbacks
     def on_progress(self, progress: dict[str, Any]) -> None:
@@ -152,19 +152,16 @@ class Service:
             result.get("reason") or "",
         )
 
-    def swap(self, version: str) -> None:
-        """Make every endpoint serve ``version`` under the stable name (raises on failure)."""
-        if self.swapper is None:
-            return
-        with self._swap_lock:
-            started = time.time()
-            ok = False
-            try:
-                self.swapper.swap_to(version)
-                ok = True
-            finally:
-                self.metrics.on_swap(time.time() - started, ok, time.time())
-            self.metrics.set_adapter(version)
+    def on_swap(self, result: Any) -> None:
+        """Swapper callback (a SwapResult per attempted swap, ok or not)."""
+        self.metrics.on_swap(result.seconds, result.ok, time.time())
+        if result.ok:
+            self.metrics.set_adapter(result.version)
+
+    @property
+    def swap(self) -> Callable[[str, str], Any] | None:
+        """What a promoted stage calls: swap every endpoint, then move the store pointer."""
+        return self.swapper.promote if self.swapper is not None else None
 
     def healthy(self) -> bool:
         return not self.stopping.is_set() and time.time() - self.last_loop < HEALTHY_LOOP_AGE_S
@@ -225,9 +222,9 @@ class Service:
                     f"vLLM did not become healthy within {self.cfg.serving.startup_timeout_s:.0f}"
                     f" s; see {self.cfg.logs_dir / 'vllm.log'}"
                 )
-            self.swapper = Swapper(self.cfg, [self.managed.endpoint])
+            self.swapper = Swapper(self.cfg, [self.managed.endpoint], on_swap=self.on_swap)
         else:
-            self.swapper = Swapper.from_config(self.cfg)
+            self.swapper = Swapper.from_config(self.cfg, on_swap=self.on_swap)
         self.swapper.reconcile()
 
     def _endpoint_states(self) -> list[dict[str, Any]]:
@@ -254,9 +251,8 @@ class Service:
             )
             log.info("metrics on http://%s:%s/metrics", cfg.metrics.host, cfg.metrics.port)
         if self.training:
-            from policies.schedule import start_scheduler
-
             from daemon.ingest.watcher import InboxWatcher
+            from policies.schedule import start_scheduler
 
             self.worker = StageWorker(self)
             self.worker.start()
@@ -321,6 +317,7 @@ class Service:
         wd = self.notifier.watchdog_interval_s
         next_wd = 0.0
         next_refresh = 0.0
+        next_supervise = 0.0
         next_reconcile = time.time() + self.cfg.serving.reconcile_interval_s
         last_status = ""
         while not should_stop():
@@ -330,9 +327,11 @@ class Service:
             if wd and now >= next_wd:
                 self.notifier.watchdog()
                 next_wd = now + wd
-            if self.managed is not None and self.managed.check():
-                log.warning("managed vLLM was restarted; reconciling adapters")
-                next_reconcile = 0.0
+            if self.managed is not None and now >= next_supervise:
+                if self.managed.check():
+                    log.warning("managed vLLM was restarted; reconciling adapters")
+                    next_reconcile = 0.0
+                next_supervise = now + SUPERVISE_INTERVAL_S
             if self.swapper is not None and now >= next_reconcile:
                 try:
                     self.swapper.reconcile()
