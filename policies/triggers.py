@@ -198,18 +198,39 @@ class Window(Params):
         if not self.catch_up or state.last_gap is None:
             return None
         gap_start, gap_end = state.last_gap
-        trig = self._trigger(state.tz)
-        t = self._next_open(trig, gap_start - self.duration + 1e-3, state.tz)
-        latest = None
-        for _ in range(5000):  # bounded: a minutely cron over a long outage stays cheap
-            if t is None or t + self.duration > gap_end:
-                break
-            latest = t
-            nxt = trig.get_next_fire_time(
-                datetime.fromtimestamp(t, state.tz), datetime.fromtimestamp(t + 1e-3, state.tz)
-            )
-            t = nxt.timestamp() if nxt is not None else None
-        return latest
+        # window [t, t + duration) ended inside the gap: gap_start < t + duration <= gap_end
+        return self._last_open(
+            state.tz, floor=gap_start - self.duration, limit=gap_end - self.duration
+        )
+
+    def _last_open(self, tz: tzinfo, *, floor: float, limit: float) -> float | None:
+        """The latest window opening t with floor < t <= limit, or None.
+
+        CronTrigger only looks forward, so look back from ``limit`` over growing spans
+        and walk forward inside the first span that has an opening: the walk stays short
+        even for a minutely cron after a month-long outage.
+        """
+        trig = self._trigger(tz)
+        for lookback in (
+            3600.0,
+            86400.0,
+            7 * 86400.0,
+            32 * 86400.0,
+            367 * 86400.0,
+            11 * 366 * 86400.0,
+        ):
+            start = max(floor, limit - lookback)
+            t = self._next_open(trig, start + 1e-3, tz)
+            if t is not None and t <= limit:
+                for _ in range(100_000):
+                    nxt = self._next_open(trig, t + 1e-3, tz)
+                    if nxt is None or nxt > limit:
+                        break
+                    t = nxt
+                return t
+            if start <= floor:
+                return None
+        return None
 
     def evaluate(self, state: TriggerState) -> Decision:
         trig = self._trigger(state.tz)

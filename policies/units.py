@@ -13,6 +13,9 @@ from collections.abc import Callable
 from datetime import datetime, tzinfo
 from typing import Any
 
+# Bounds keep every later datetime computation (now ± duration) in range.
+MAX_DURATION_S = 10 * 365 * 86400.0
+MAX_BYTES = 1024**6  # 1 EiB
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)", re.IGNORECASE)
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
@@ -61,6 +64,8 @@ def parse_duration(value: Any) -> float:
         raise ValueError(f"must be a duration like '30s', '5m', '6h' or '1d', got {value!r}")
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"must be a non-negative duration, got {value!r}")
+    if seconds > MAX_DURATION_S:
+        raise ValueError(f"must be at most 10 years, got {value!r}")
     return seconds
 
 
@@ -73,12 +78,15 @@ def positive_duration(value: Any) -> float:
 
 def parse_bytes(value: Any) -> int:
     """``"2GiB"``, ``"512MB"``, ``"1.5G"`` or a number of bytes."""
-    if _is_number(value) and value >= 0 and math.isfinite(value):
-        return int(value)
-    if isinstance(value, str):
+    size: float | None = None
+    if _is_number(value):
+        size = float(value)
+    elif isinstance(value, str):
         m = _SIZE_RE.match(value)
         if m and m.group(2).lower() in _SIZE_UNITS:
-            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+            size = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    if size is not None and math.isfinite(size) and 0 <= size <= MAX_BYTES:
+        return int(size)
     raise ValueError(f"must be a size like '512MiB', '2GiB' or a number of bytes, got {value!r}")
 
 

@@ -423,3 +423,16 @@ def test_window_uses_state_zone_when_unset() -> None:
     paris = state(tz=ZoneInfo("Europe/Paris"))  # 12:00 UTC = 13:00 in Paris
     assert build_trigger(spec).evaluate(paris).fire is True
     assert build_trigger(spec).evaluate(state(tz=UTC)).fire is False
+
+
+def test_missed_window_after_long_outage_with_frequent_cron() -> None:
+    """A month down with a window every 10 minutes: the latest missed one is found."""
+    spec = {"name": "window", "cron": "*/10 * * * *", "duration": "5m", "timezone": "UTC"}
+    policy = build_trigger(spec)
+    assert isinstance(policy, Window)
+    gap_end = T0 + 7 * M  # came back at 12:07, after the 12:00-12:05 window
+    st = state(now=gap_end, last_gap=(T0 - 31 * 86400, gap_end), last_stage_at=None)
+    assert policy.missed_window(st) == T0
+    decision = policy.evaluate(st)
+    assert decision.fire is True
+    assert "missed the maintenance window of Sat 21 Nov 12:00 while down" in decision.reasons[0]
