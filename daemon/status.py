@@ -70,7 +70,11 @@ def _next_decision(cfg: Config, db: Any, now: float) -> dict[str, Any] | None:
     from policies.engine import explain_next
 
     # record=False: looking at the status never writes (no tick, no decision event).
-    return explain_next(cfg, db, now=now, record=False)
+    try:
+        return explain_next(cfg, db, now=now, record=False)
+    except Exception as exc:  # status must show the rest even if the policy cannot run
+        why = f"could not evaluate the trigger policy: {type(exc).__name__}: {exc}"
+        return {"fire": False, "reasons": [why], "summary": why, "checks": []}
 
 
 def render(data: dict[str, Any], console: Console) -> None:

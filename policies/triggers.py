@@ -180,7 +180,9 @@ class Window(Params):
     duration: float = param(positive_duration, "2h", help="How long the window stays open.")
     timezone: str = param(_timezone, "", help="IANA zone for the cron ('' = the daemon's zone).")
     catch_up: bool = param(boolean, True, help="Run once after downtime that missed a window.")
-    _triggers: dict[str, CronTrigger] = field(default_factory=dict, init=False, repr=False)
+    _triggers: dict[str, CronTrigger] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def _trigger(self, tz: tzinfo) -> CronTrigger:
         zone: tzinfo = zoneinfo.ZoneInfo(self.timezone) if self.timezone else tz
