@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import random
 import time
@@ -36,6 +37,8 @@ from policies.triggers import uses
 from policies.units import fmt_clock, fmt_int
 from store import adapters, documents, events, kv, stages
 from store.db import transaction
+
+log = logging.getLogger(__name__)
 
 # A pause between two recorded ticks longer than this counts as downtime (catch-up windows).
 GAP_MIN_S = 90.0
@@ -116,7 +119,7 @@ def build_state(
         tz=tz or _local_tz(),
     )
     if need_scores:
-        pending = documents.pending_chunks(db, track, split="train")
+        pending = documents.pending_chunk_facts(db, track, split="train")
         state.pending_loss, state.pending_scored_fraction = _mean_loss(
             pending, documents.scores(db, current, [int(r["id"]) for r in pending])
         )
@@ -250,6 +253,7 @@ def explain_next(
                     data={"fire": fire, "reasons": reasons, "checks": result["checks"]},
                 )
                 result["recorded"] = True
+                log.info("policy decision: %s", line)
     return result
 
 
@@ -267,7 +271,7 @@ def plan_stage(
     track = cfg.track
     pol = build_all(cfg)
     current = adapters.current(db, track)
-    pending = documents.pending_chunks(db, track, split="train")
+    pending = documents.pending_chunk_facts(db, track, split="train")
     if not pending:
         return None
     loss = documents.scores(db, current, [int(c["id"]) for c in pending])
@@ -286,7 +290,7 @@ def plan_stage(
     docs = {int(c["document_id"]) for c in pending if int(c["id"]) in chosen}
     holdout = [
         int(c["id"])
-        for c in documents.pending_chunks(db, track, split="holdout")
+        for c in documents.pending_chunk_facts(db, track, split="holdout")
         if int(c["document_id"]) in docs
     ]
     rows = documents.replay_rows(db, track)
@@ -393,7 +397,7 @@ def scoring_needs(cfg: Config, db: sqlite_utils.Database, *, limit: int = 5000) 
     surprise = uses(cfg.policy.trigger, "surprise")
     wanted: list[tuple[str, list[int]]] = []
     if surprise or getattr(pol.selection, "policy_name", "") == "highest_loss":
-        wanted.append(("pending", [int(c["id"]) for c in documents.pending_chunks(db, track)]))
+        wanted.append(("pending", [int(c["id"]) for c in documents.pending_chunk_facts(db, track)]))
     if surprise:
         wanted.append(
             ("learned holdout", [int(r["id"]) for r in documents.learned_holdout(db, track)])

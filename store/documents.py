@@ -387,3 +387,17 @@ def set_aside(db: sqlite_utils.Database, chunk_ids: Sequence[int]) -> None:
         "UPDATE chunks SET status = ? WHERE id = ? AND status = ?",
         [(DROPPED, cid, PENDING) for cid in chunk_ids],
     )
+
+
+def pending_chunk_facts(
+    db: sqlite_utils.Database, track: str, *, split: str = "train"
+) -> list[dict[str, Any]]:
+    """Pending chunks without their text: what policies weigh, cheap on a big inbox."""
+    return [
+        dict(r)
+        for r in db.query(
+            "SELECT id, document_id, n_tokens, created_at, attempts FROM chunks"
+            " WHERE track = ? AND status = ? AND split = ? ORDER BY id",
+            [track, PENDING, split],
+        )
+    ]
