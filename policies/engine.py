@@ -214,7 +214,8 @@ def explain_next(
     due_at = decision.data.get("due_at") if not fire and not blocked else None
     if due_at is not None and due_at > now:
         clock = fmt_clock(due_at, state.tz, now)
-        if clock not in line:  # "at 14:00 (staleness 6h)" already says it
+        hhmm = datetime.fromtimestamp(due_at, state.tz).strftime("%H:%M")
+        if hhmm not in line:  # "at 14:00 (staleness 6h)" already says it
             line += f" (earliest {clock})"
     reasons = ([blocked] if blocked else []) + decision.reasons
     result: dict[str, Any] = {
