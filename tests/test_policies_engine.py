@@ -364,3 +364,14 @@ def test_after_reject_inside_callers_transaction(tmp_path: Path, db: sqlite_util
     with transaction(db):  # the runner marks the stage and handles its data atomically
         result = engine.after_reject(cfg, db, sid)
     assert result["retry"] == train
+
+
+def test_window_summary_names_the_time_once(tmp_path: Path, db: sqlite_utils.Database) -> None:
+    cfg = make_cfg(
+        tmp_path,
+        trigger={"name": "window", "cron": "0 2 * * *", "duration": "3h", "timezone": "UTC"},
+    )
+    add_doc(db, "a", [700])
+    out = engine.explain_next(cfg, db, now=T0, tz=UTC)
+    assert out["summary"] == "next stage when in the maintenance window (tomorrow at 02:00)"
+    assert out["due_at"] == T0 + 14 * H
