@@ -205,6 +205,8 @@ def explain_next(
         blocked = "nothing pending to train"
     fire = decision.fire and not blocked
     summary = decision.summary
+    if not decision.fire and not decision.data.get("combinator") and decision.data.get("when"):
+        summary = str(decision.data["when"])  # a lone leaf: its "next stage when" phrase
     if blocked:
         line = blocked + (f" (then: {summary})" if summary else "")
     elif fire:
