@@ -308,7 +308,7 @@ class Service:
         db = self._db
         now = time.time()
         self.metrics.pending_tokens.set(documents.pending_tokens(db, self.cfg.track))
-        oldest = documents.oldest_pending_at(db, self.cfg.track)
+        oldest = documents.oldest_pending_train_at(db, self.cfg.track)
         self.metrics.staleness.set(now - oldest if oldest else 0.0)
         if self.swapper is None:
             self.metrics.set_adapter(adapters.current(db, self.cfg.track))

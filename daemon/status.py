@@ -19,7 +19,7 @@ def collect(cfg: Config, *, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     db = open_db(cfg.db_path)
     try:
-        oldest = documents.oldest_pending_at(db, cfg.track)
+        oldest = documents.oldest_pending_train_at(db, cfg.track)
         last = stages.latest(db, cfg.track)
         data: dict[str, Any] = {
             "track": cfg.track,

@@ -192,14 +192,6 @@ def pending_tokens(db: sqlite_utils.Database, track: str) -> int:
     return int(row[0])
 
 
-def oldest_pending_at(db: sqlite_utils.Database, track: str) -> float | None:
-    """Creation time of the oldest chunk not yet trained (drives staleness)."""
-    row = db.conn.execute(
-        "SELECT MIN(created_at) FROM chunks WHERE track = ? AND status = ?", (track, PENDING)
-    ).fetchone()
-    return float(row[0]) if row and row[0] is not None else None
-
-
 def chunks_by_ids(db: sqlite_utils.Database, ids: Iterable[int]) -> list[dict[str, Any]]:
     """Chunks in the order of ``ids`` (missing ids are skipped)."""
     ids = list(ids)
