@@ -66,7 +66,12 @@ def model_dir(tmp_path: Path) -> Path:
     """A real (tiny) BPE tokenizer.json, trained in milliseconds on the test text."""
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"], show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["[UNK]"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([paragraphs(20)], trainer=trainer)
     out = tmp_path / "model"
     out.mkdir()
@@ -84,6 +89,18 @@ def test_real_tokenizer_windows_respect_the_token_budget(model_dir: Path) -> Non
         assert c.n_tokens <= 48
         assert len(tok.encode(c.text, add_special_tokens=False).ids) <= 48
         assert c.text in text
+
+
+def test_real_tokenizer_never_splits_or_duplicates_characters(model_dir: Path) -> None:
+    tok = load_tokenizer(model_dir)
+    text = "\n".join(
+        f"Zeile {i}: Grüße aus Köln 🌲🌲 naïve café — " + "é" * (i % 7) for i in range(60)
+    )
+    text += " " + "🌲" * 200  # one long run of 4-byte characters: only hard cuts possible
+    out = Chunker(40, 0.1, tok).chunk([Segment("text", text)])
+    assert all(c.n_tokens <= 40 for c in out)
+    squash = "".join(text.split())
+    assert "".join("".join(c.text.split()) for c in out) == squash
 
 
 def test_pipeline_uses_the_base_models_tokenizer(state_dir: Path, model_dir: Path) -> None:

@@ -14,6 +14,7 @@ fact file is always learned.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import threading
@@ -128,37 +129,62 @@ def _token_windows(text: str, n: int, tokenizer: Any) -> list[tuple[int, str]]:
     enc = tokenizer.encode(text, add_special_tokens=False)
     offsets: list[tuple[int, int]] = enc.offsets
     total = len(offsets)
+    if total <= n and text == text.strip():
+        return [(total, text)] if text else []  # one window, already exact: no re-encode
+    starts = [o[0] for o in offsets]
     out: list[tuple[int, str]] = []
     start = 0
     while start < total:
         end = min(start + n, total)
         if end < total:
-            end = _best_cut(text, offsets, start, end, n)
-        # Re-encode the cut text: a substring can tokenize differently at its edges (a
-        # stripped leading space splits a word), and n_tokens must be exact for packing.
-        while True:
-            piece = text[offsets[start][0] : offsets[end - 1][1]].strip()
-            count = len(tokenizer.encode(piece, add_special_tokens=False).ids) if piece else 0
-            if count <= n or end - start <= 1:
-                break
-            end -= 1
-        if piece:
-            out.append((count, piece))
+            end = _best_cut(text, starts, start, end, n)
+        out.extend(_exact_pieces(text, offsets, start, end, n=n, tokenizer=tokenizer))
         start = end
     return out
 
 
-def _best_cut(text: str, offsets: list[tuple[int, int]], start: int, end: int, n: int) -> int:
-    """Largest token index in the window's tail that begins a new line, else a new word."""
+def _exact_pieces(
+    text: str, offsets: list[tuple[int, int]], start: int, end: int, *, n: int, tokenizer: Any
+) -> list[tuple[int, str]]:
+    """The text of tokens [start, end) with its exact re-encoded token count.
 
-    def starts_after(k: int, chars: str) -> bool:
-        pos = offsets[k][0]
-        return (pos > 0 and text[pos - 1] in chars) or (pos < len(text) and text[pos] in chars)
+    A substring can tokenize differently at its edges (a stripped leading space splits a
+    word), and n_tokens must be exact for packing: in the rare case the re-encoded piece
+    is over budget, it is shortened token by token and the rest becomes the next piece.
+    """
+    out: list[tuple[int, str]] = []
+    while start < end:
+        cut = end
+        while True:
+            piece = text[offsets[start][0] : offsets[cut - 1][1]].strip()
+            count = len(tokenizer.encode(piece, add_special_tokens=False).ids) if piece else 0
+            if count <= n or cut - start <= 1:
+                break
+            cut -= 1
+            while cut > start + 1 and offsets[cut][0] == offsets[cut - 1][0]:
+                cut -= 1  # not between the byte tokens of one character
+        if piece:
+            out.append((count, piece))
+        start = cut
+    return out
 
-    for k in range(end, start + n // 2, -1):
-        if starts_after(k, "\n"):
-            return k
-    for k in range(end, start + 3 * n // 4, -1):
-        if starts_after(k, " \t\n"):
-            return k
-    return end
+
+def _best_cut(text: str, starts: list[int], start: int, end: int, n: int) -> int:
+    """Token index to cut before: the last line start in the window's second half, else
+    the last word start in its last quarter, else ``end`` (kept off a character's middle,
+    where byte-level tokens share one character's offsets). ``str.rfind`` + bisect, so a
+    window costs O(log n), not a Python loop over its tokens."""
+    hi = starts[end] + 1
+    for lo_tok, seps in ((start + n // 2 + 1, "\n"), (start + 3 * n // 4 + 1, " \t\n")):
+        lo = max(starts[lo_tok] - 1, 0)
+        pos = max(text.rfind(sep, lo, hi) for sep in seps)
+        if pos < 0:
+            continue
+        k = bisect.bisect_right(starts, pos) - 1
+        cut = k if k >= 0 and starts[k] == pos else k + 1
+        if lo_tok <= cut <= end:
+            return cut
+    cut = end
+    while cut > start + 1 and starts[cut] == starts[cut - 1]:
+        cut -= 1
+    return cut
