@@ -46,7 +46,7 @@ def test_file_written_slowly_is_ingested_once_and_complete(
 ) -> None:
     # Quiet period longer than the pause between writes: the file never looks stable
     # until the writer closes it.
-    cfg = make_cfg(state_dir, quiet_period_s=1.5)
+    cfg = make_cfg(state_dir, quiet_period_s=5.0)
     changes: list[dict[str, Any]] = []
     watcher = watcher_factory(cfg, on_change=changes.append)
     watcher.start()
