@@ -243,7 +243,10 @@ def explain_next(
         },
     }
     if record:
-        sig = _signature(fire, blocked, decision)
+        # the blocking *kind* counts, not its text: a stage moving running -> evaluated
+        # is not a new decision (those transitions are stage events already)
+        kind = "running" if state.stage_running else ("empty" if blocked else "")
+        sig = _signature(fire, kind, decision)
         key = _kv_key("decision_sig", cfg.track)
         with _tx(db):
             if kv.get(db, key) != sig:
