@@ -365,6 +365,8 @@ class ServingLoad(Params):
                 f"serving busy: {', '.join(busy)} (max {self.max_running}){suffix}",
                 f"{when} (now {peak:g})",
             )
+        if all(v is None for v in loads.values()):
+            return _leaf("serving_load", True, f"serving load unknown: {'; '.join(notes)}", when)
         return _leaf(
             "serving_load",
             True,

@@ -197,7 +197,15 @@ LEAF_CASES: list[tuple[str, dict[str, Any], TriggerState, bool, str]] = [
         {"name": "serving_load", "max_running": 0},
         state(serving_running={"http://a:8000": None}),
         True,
-        "(http://a:8000 unreachable (counted as idle))",
+        "serving load unknown: http://a:8000 unreachable (counted as idle)",
+    ),
+    (
+        "serving-one-unreachable",
+        {"name": "serving_load", "max_running": 1},
+        state(serving_running={"http://a:8000": None, "http://b:8000": 1.0}),
+        True,
+        "serving load ok: at most 1 running requests (≤ 1) (http://a:8000 unreachable (counted"
+        " as idle))",
     ),
     (
         "serving-unreachable-busy",
