@@ -375,3 +375,19 @@ def test_window_summary_names_the_time_once(tmp_path: Path, db: sqlite_utils.Dat
     out = engine.explain_next(cfg, db, now=T0, tz=UTC)
     assert out["summary"] == "next stage when in the maintenance window (tomorrow at 02:00)"
     assert out["due_at"] == T0 + 14 * H
+
+
+def test_policies_never_import_torch() -> None:
+    """The daemon imports policies every tick; torch would cost it hundreds of MB of RSS."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, policies.engine, policies.schedule, policies.probes, daemon.status;"
+        "from policies.base import names;"
+        "[names(k) for k in ('trigger', 'replay', 'promotion', 'selection')];"
+        "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
