@@ -11,12 +11,19 @@ One run, on a real vLLM CPU server managed by :class:`ManagedVLLM` and the tiny 
 The last line printed is one JSON object: requests_total, requests_failed,
 swap_seconds_p50, swap_seconds_p99, post_swap_decode_ratio (stable s/token / fresh s/token),
 plus context fields. Usage: ``python benchmarks/swap.py [--base-model DIR] [--port N]``.
+
+``--mechanism resolver`` swaps the way vLLM allows without our plugin (point
+``<resolver dir>/evergreen`` at the new version, unload ``evergreen``, let the next request
+re-resolve it), for comparison with the default ``alias`` mechanism.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -32,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from daemon import config as config_mod  # noqa: E402
 from daemon.serving.swap import Swapper  # noqa: E402
-from daemon.serving.vllm import ManagedVLLM  # noqa: E402
+from daemon.serving.vllm import ManagedVLLM, VLLMError  # noqa: E402
 from tests.fixtures_vllm import free_port, make_lora  # noqa: E402
 
 CLIENTS = 8
@@ -131,6 +138,22 @@ def seconds_per_token(http: httpx.Client, model: str) -> float:
     return elapsed / max(1, tokens)
 
 
+def resolver_swap(cfg: config_mod.Config, server: ManagedVLLM, version: str) -> float:
+    """The plugin-free swap: re-point the resolver link, unload, re-resolve on next request."""
+    started = time.monotonic()
+    link_dir = cfg.serving_dir / "resolve"
+    link = link_dir / cfg.serving.model_name
+    tmp = link_dir / ".stable.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(cfg.adapters_dir.resolve() / version, tmp)
+    os.replace(tmp, link)
+    ep = server.endpoint
+    with contextlib.suppress(VLLMError):  # not registered yet on the first swap
+        ep.unload_lora(cfg.serving.model_name)
+    ep.completion(cfg.serving.model_name, "The", max_tokens=8)  # resolves the new weights
+    return time.monotonic() - started
+
+
 def decode_ratio(url: str, key: str, stable: str, fresh: str) -> tuple[float, float]:
     headers = {"Authorization": f"Bearer {key}"}
     stable_s: list[float] = []
@@ -149,6 +172,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base-model", default="", help="HF model dir (default: tiny seed)")
     parser.add_argument("--port", type=int, default=0, help="vLLM port (default: 18100-18199)")
+    parser.add_argument(
+        "--mechanism",
+        choices=("alias", "resolver"),
+        default="alias",
+        help="alias: the swapper (default); resolver: plugin-free unload + re-resolve",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temp state dir")
     args = parser.parse_args()
     t0 = time.monotonic()
     state = Path(tempfile.mkdtemp(prefix="evergreen-bench-swap-"))
@@ -184,16 +214,22 @@ def main() -> int:
             print(server.log_tail(), file=sys.stderr)
             return 1
         swapper = Swapper(cfg, [server.endpoint])
-        swapper.reconcile()
+        if args.mechanism == "alias":
+            swapper.reconcile()
+        else:
+            resolver_swap(cfg, server, versions[0])
         stable = cfg.serving.model_name
         load = Load(server.url, server.api_key, stable)
         threads = load.run()
         time.sleep(3)  # clients in full flow before the first swap
         durations: list[float] = []
         for version in versions:
-            result = swapper.promote(version, reason="benchmark")
-            durations.append(result.seconds)
-            print(f"  swap -> {version}: {result.seconds:.3f}s", flush=True)
+            if args.mechanism == "alias":
+                seconds = swapper.promote(version, reason="benchmark").seconds
+            else:
+                seconds = resolver_swap(cfg, server, version)
+            durations.append(seconds)
+            print(f"  swap -> {version}: {seconds:.3f}s", flush=True)
             time.sleep(1.0)
         time.sleep(2)
         load.stop.set()
@@ -204,6 +240,8 @@ def main() -> int:
         stable_spt, fresh_spt = decode_ratio(server.url, server.api_key, stable, fresh)
     finally:
         server.stop()
+        if not args.keep:
+            shutil.rmtree(state, ignore_errors=True)
     ratio = stable_spt / fresh_spt
     p50, p99 = percentile(durations, 50), percentile(durations, 99)
     print()
@@ -229,7 +267,7 @@ def main() -> int:
                 "versions_served": len(load.served_by),
                 "stable_ms_per_token": round(stable_spt * 1000, 3),
                 "fresh_ms_per_token": round(fresh_spt * 1000, 3),
-                "mechanism": "alias (evergreen vLLM plugin)",
+                "mechanism": args.mechanism,
                 "wall_seconds": round(time.monotonic() - t0, 1),
             }
         )

@@ -179,7 +179,9 @@ def test_kill_9_restarts_and_restores_current(
 ) -> None:
     ep = vllm_server.endpoint
     expected = outputs(ep, "evergreen")
+    pinned_old = outputs(ep, "evergreen-v0001")
     want = current(serving_cfg)
+    assert want != "v0001"
     assert vllm_server.proc is not None
     old_pid = vllm_server.proc.pid
     restored: list[dict[str, str]] = []
@@ -200,6 +202,10 @@ def test_kill_9_restarts_and_restores_current(
     assert swapper.served_version() == want
     assert outputs(ep, "evergreen") == expected
     assert outputs(ep, f"evergreen-{want}") == expected
+    # Older pinned versions are not reloaded eagerly: vLLM's filesystem resolver finds them
+    # through <state>/serving/resolve/<name> on first use.
+    assert "evergreen-v0001" not in ep.models()
+    assert outputs(ep, "evergreen-v0001") == pinned_old
 
 
 def test_two_endpoints_swap_all_or_none(

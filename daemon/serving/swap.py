@@ -299,8 +299,12 @@ class Swapper:
                 log.exception("on_swap callback failed")
 
     # -- pointer moves ----------------------------------------------------------------------
-    def promote(self, version: str, *, reason: str) -> SwapResult:
-        """Swap to ``version``, then (only if that worked) make it current in the store."""
+    def promote(self, version: str, reason: str = "promote") -> SwapResult:
+        """Swap to ``version``, then (only if that worked) make it current in the store.
+
+        This is the ``swap(version, reason)`` callable a promoted stage is handed; it raises
+        :class:`SwapError` (pointer unchanged) when the swap does not happen.
+        """
         with self._lock:
             _known_version(self.cfg, version)
             result = self.swap_to(version, reason=reason)
@@ -455,6 +459,7 @@ def _move_pointer(cfg: Config, version: str, reason: str) -> str:
     _known_version(cfg, version)
     path = adapter_path(cfg, version)
     validate_adapter_dir(cfg, path)
+    link_for_resolver(cfg, version, path)  # pinnable by name even before the next swap
     endpoints = cli_endpoints(cfg)
     if not endpoints:
         with _db(cfg) as db:
