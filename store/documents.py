@@ -21,6 +21,8 @@ from store import kv
 INGESTED, TRAINED, SUPERSEDED, QUARANTINED = "ingested", "trained", "superseded", "quarantined"
 # File statuses (a file that repeats another file's content is a 'duplicate').
 DUPLICATE = "duplicate"
+# A path that is no longer on disk (deleted or renamed away); its document is kept.
+GONE = "gone"
 # Chunk statuses.
 PENDING, DROPPED = "pending", "dropped"
 
@@ -63,6 +65,42 @@ def upsert_file(
         " status=excluded.status, error=excluded.error, seen_at=excluded.seen_at",
         (path, track, size, mtime, content_hash, document_id, status, error, time.time()),
     )
+
+
+def mark_files_gone(db: sqlite_utils.Database, paths: Iterable[str]) -> int:
+    """Paths no longer on disk stop counting as carriers of their document.
+
+    Without this a deleted path would keep "carrying" its content, and a new version that
+    arrives under another path could never supersede it. The document itself stays:
+    cleaning up the inbox does not un-learn anything. Returns rows changed.
+    """
+    now = time.time()
+    changed = 0
+    for path in paths:
+        cur = db.conn.execute(
+            "UPDATE files SET status = ?, seen_at = ? WHERE path = ? AND status != ?",
+            (GONE, now, path, GONE),
+        )
+        changed += cur.rowcount
+    return changed
+
+
+def rename_file(db: sqlite_utils.Database, old: str, new: str) -> bool:
+    """A file renamed inside the inbox keeps its history under the new path.
+
+    So editing it after the rename supersedes its old content, as an edit in place would.
+    Skipped (False) when the new path already has a live row of its own.
+    """
+    row = db.conn.execute("SELECT status FROM files WHERE path = ?", (new,)).fetchone()
+    if row is not None and row[0] != GONE:
+        return False
+    if row is not None:
+        db.conn.execute("DELETE FROM files WHERE path = ?", (new,))
+    cur = db.conn.execute(
+        "UPDATE files SET path = ?, seen_at = ? WHERE path = ? AND status != ?",
+        (new, time.time(), old, GONE),
+    )
+    return cur.rowcount > 0
 
 
 def document_by_hash(

@@ -169,3 +169,67 @@ def test_close_write_makes_a_file_due_without_waiting_the_quiet_period(
     (Path(cfg.inbox_dir) / "closed.txt").write_text(LOREM + " closed")
     wait_for(lambda: len(docs(cfg)) == 1)  # only a close-write event can make it due now
     assert watcher.pending() == 0
+
+
+def test_renamed_then_edited_file_supersedes_its_old_content(
+    cfg: Config, watcher_factory: Callable[..., InboxWatcher]
+) -> None:
+    watcher = watcher_factory(cfg)
+    watcher.start()
+    inbox = Path(cfg.inbox_dir)
+    (inbox / "draft.txt").write_text(LOREM + " first draft")
+    wait_for(lambda: len(docs(cfg)) == 1)
+    (inbox / "draft.txt").rename(inbox / "final.txt")
+    # The rename carries the file's history: the store now knows it as final.txt.
+    wait_for(
+        lambda: [Path(r["path"]).name for r in rows(cfg, "SELECT path FROM files")] == ["final.txt"]
+    )
+    (inbox / "final.txt").write_text(LOREM + " final version, edited after the rename")
+    wait_for(lambda: len(docs(cfg)) == 2)
+    wait_for(lambda: [d["status"] for d in docs(cfg)] == ["superseded", "ingested"])
+
+
+def test_files_deleted_while_stopped_are_marked_gone_and_content_is_kept(
+    cfg: Config, watcher_factory: Callable[..., InboxWatcher]
+) -> None:
+    inbox = Path(cfg.inbox_dir)
+    inbox.mkdir(parents=True)
+    (inbox / "keep.txt").write_text(LOREM + " keep")
+    (inbox / "sub").mkdir()
+    (inbox / "sub" / "drop.txt").write_text(LOREM + " drop")
+    old = time.time() - 60
+    for p in (inbox / "keep.txt", inbox / "sub" / "drop.txt"):
+        os.utime(p, (old, old))
+    watcher = watcher_factory(cfg)
+    assert watcher.rescan()["outcomes"]["ingested"] == 2
+    (inbox / "sub" / "drop.txt").unlink()
+    watcher.rescan()
+    files = {Path(r["path"]).name: r["status"] for r in rows(cfg, "SELECT * FROM files")}
+    assert files == {"keep.txt": "ingested", "drop.txt": "gone"}
+    assert [d["status"] for d in docs(cfg)] == ["ingested", "ingested"]
+    # It comes back unchanged: a live carrier again, still one document.
+    (inbox / "sub" / "drop.txt").write_text(LOREM + " drop")
+    os.utime(inbox / "sub" / "drop.txt", (old, old))
+    watcher.rescan()
+    files = {Path(r["path"]).name: r["status"] for r in rows(cfg, "SELECT * FROM files")}
+    assert files == {"keep.txt": "ingested", "drop.txt": "ingested"}
+    assert len(docs(cfg)) == 2
+
+
+def test_file_moved_out_of_the_inbox_is_gone(
+    cfg: Config, watcher_factory: Callable[..., InboxWatcher], tmp_path: Path
+) -> None:
+    watcher = watcher_factory(cfg)
+    watcher.start()
+    inbox = Path(cfg.inbox_dir)
+    (inbox / "a.txt").write_text(LOREM + " a")
+    (inbox / "b.txt").write_text(LOREM + " b")
+    wait_for(lambda: len(docs(cfg)) == 2)
+    (inbox / "a.txt").rename(tmp_path / "a.txt")
+    (inbox / "b.txt").rename(inbox / ".b.txt.bak")  # to an ignored name: out of sight too
+    wait_for(
+        lambda: (
+            sorted(r["status"] for r in rows(cfg, "SELECT status FROM files")) == ["gone", "gone"]
+        )
+    )
+    assert [d["status"] for d in docs(cfg)] == ["ingested", "ingested"]

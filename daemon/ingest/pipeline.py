@@ -151,7 +151,7 @@ class Ingester:
         except Exception as exc:  # a bug must cost one file, not the daemon
             log.exception("unexpected error preparing %s", path)
             prepared = Prepared(path, quarantine=Quarantine(parsers.UNREADABLE, repr(exc)[:300]))
-        prepared.path = _db_path(path)
+        prepared.path = path_key(path)
         return prepared
 
     def commit(self, batch: Sequence[Prepared]) -> list[Outcome]:
@@ -211,8 +211,8 @@ class Ingester:
                 return self._quarantined_unread(path, st, parsers.UNREADABLE, "broken symlink")
         if stat_mod.S_ISDIR(st.st_mode):
             return Prepared(path, skip=IGNORED)
-        prev = documents.file_row(self.db, _db_path(path))
-        if prev and prev["size"] == st.st_size and prev["mtime"] == st.st_mtime:
+        prev = documents.file_row(self.db, path_key(path))
+        if _same_stat(prev, st.st_size, st.st_mtime):
             return Prepared(path, size=st.st_size, mtime=st.st_mtime, skip=UNCHANGED)
         if not stat_mod.S_ISREG(st.st_mode):
             return self._quarantined_unread(path, st, parsers.UNREADABLE, "not a regular file")
@@ -327,55 +327,24 @@ class Ingester:
 
     def _apply(self, p: Prepared) -> Outcome:
         """Decide and write one file inside the caller's transaction."""
-        db, track, path = self.db, self.track, p.path
+        db, path = self.db, p.path
         if p.quarantine is not None and not p.content_hash:  # failed before a stat
             p.content_hash = "quarantine:" + hashlib.sha256(path.encode()).hexdigest()
             p.fmt = p.fmt or "unknown"
         prev = documents.file_row(db, path)
-        if prev and prev["size"] == p.size and prev["mtime"] == p.mtime and prev["track"] == track:
+        if _same_stat(prev, p.size, p.mtime):
+            assert prev is not None
             return Outcome(path, UNCHANGED, document_id=prev["document_id"])
-        row = db.conn.execute(
-            "SELECT id, status, error FROM documents WHERE track = ? AND content_hash = ?",
-            (track, p.content_hash),
-        ).fetchone()
         prev_doc = prev["document_id"] if prev else None
-        revived = False
-        if row is None:
-            q = p.quarantine
-            doc_id = documents.insert_document(
-                db,
-                track=track,
-                path=path,
-                content_hash=p.content_hash,
-                size=p.size,
-                mtime=p.mtime,
-                fmt=p.fmt,
-                status=documents.QUARANTINED if q else documents.INGESTED,
-                error=str(q) if q else None,
-                chunks=p.chunks,
-            )
-            outcome = QUARANTINED if q else INGESTED
-            error = str(q) if q else None
-        else:
-            doc_id, doc_status, error = int(row[0]), row[1], row[2]
-            if prev_doc == doc_id:
-                outcome = UNCHANGED  # touched, same content
-            elif doc_status == documents.QUARANTINED:
-                outcome = QUARANTINED
-            elif doc_status == documents.SUPERSEDED:
-                documents.revive_document(db, doc_id, path)
-                outcome, revived = INGESTED, True
-            else:
-                outcome = DUPLICATE
-        file_status = {INGESTED: documents.INGESTED, DUPLICATE: documents.DUPLICATE}.get(
-            outcome, documents.QUARANTINED if outcome == QUARANTINED else documents.INGESTED
-        )
-        if outcome == UNCHANGED and prev is not None:
+        doc_id, outcome, error, revived = self._place_content(p, prev_doc)
+        if outcome == UNCHANGED and prev is not None and prev["status"] != documents.GONE:
             file_status = prev["status"]
+        else:
+            file_status = _FILE_STATUS.get(outcome, documents.INGESTED)
         documents.upsert_file(
             db,
             path,
-            track=track,
+            track=self.track,
             size=p.size,
             mtime=p.mtime,
             content_hash=p.content_hash,
@@ -384,44 +353,31 @@ class Ingester:
             error=error if outcome == QUARANTINED else None,
         )
         superseded = None
-        # The old version is retired unless another path still carries it. A quarantined
-        # old version (say the file was empty when first seen) has nothing to retire.
-        if (
-            prev_doc is not None
-            and prev_doc != doc_id
-            and prev is not None
-            and prev["status"] != documents.QUARANTINED
-            and documents.other_files_of(db, prev_doc, path) == 0
-        ):
-            documents.supersede_document(db, prev_doc)
+        if prev_doc is not None and prev_doc != doc_id and self._retire(prev_doc, path):
             superseded = prev_doc
-            events.record(
-                db,
+            self._event(
                 "ingest.superseded",
                 f"document {prev_doc} superseded by a new version of {path}",
-                subject=path,
-                track=track,
-                data={"old": prev_doc, "new": doc_id},
+                path,
+                old=prev_doc,
+                new=doc_id,
             )
         if outcome == QUARANTINED:
             reason = (error or "unknown").split(":")[0]
-            events.record(
-                db,
+            self._event(
                 "ingest.quarantined",
                 f"quarantined {path}: {error}",
-                subject=path,
-                track=track,
-                data={"reason": reason, "document_id": doc_id},
+                path,
+                reason=reason,
+                document_id=doc_id,
             )
             return Outcome(path, QUARANTINED, reason, error, doc_id, superseded)
         if revived:
-            events.record(
-                db,
+            self._event(
                 "ingest.revived",
                 f"content of {path} came back; document {doc_id} is pending again",
-                subject=path,
-                track=track,
-                data={"document_id": doc_id},
+                path,
+                document_id=doc_id,
             )
         new = outcome == INGESTED and not revived
         return Outcome(
@@ -434,6 +390,57 @@ class Ingester:
             n_tokens=sum(c.n_tokens for c in p.chunks) if new else 0,
         )
 
+    def _place_content(
+        self, p: Prepared, prev_doc: int | None
+    ) -> tuple[int, str, str | None, bool]:
+        """Find or store the content: (document id, outcome, error, revived)."""
+        row = self.db.conn.execute(
+            "SELECT id, status, error FROM documents WHERE track = ? AND content_hash = ?",
+            (self.track, p.content_hash),
+        ).fetchone()
+        if row is None:
+            q = p.quarantine
+            doc_id = documents.insert_document(
+                self.db,
+                track=self.track,
+                path=p.path,
+                content_hash=p.content_hash,
+                size=p.size,
+                mtime=p.mtime,
+                fmt=p.fmt,
+                status=documents.QUARANTINED if q else documents.INGESTED,
+                error=str(q) if q else None,
+                chunks=p.chunks,
+            )
+            return doc_id, (QUARANTINED if q else INGESTED), (str(q) if q else None), False
+        doc_id, doc_status, error = int(row[0]), row[1], row[2]
+        if prev_doc == doc_id:
+            return doc_id, UNCHANGED, error, False  # touched or re-created, same content
+        if doc_status == documents.QUARANTINED:
+            return doc_id, QUARANTINED, error, False
+        if doc_status == documents.SUPERSEDED:
+            documents.revive_document(self.db, doc_id, p.path)
+            return doc_id, INGESTED, None, True
+        return doc_id, DUPLICATE, None, False
+
+    def _retire(self, old_doc: int, path: str) -> bool:
+        """Supersede the old version of ``path`` unless another path still carries it.
+
+        A quarantined old version (say the file was empty when first seen) has nothing to
+        retire. Returns whether it was superseded.
+        """
+        row = self.db.conn.execute("SELECT status FROM documents WHERE id = ?", (old_doc,))
+        status = row.fetchone()
+        if status is None or status[0] in (documents.QUARANTINED, documents.SUPERSEDED):
+            return False
+        if documents.other_files_of(self.db, old_doc, path) > 0:
+            return False
+        documents.supersede_document(self.db, old_doc)
+        return True
+
+    def _event(self, kind: str, message: str, path: str, **data: Any) -> None:
+        events.record(self.db, kind, message, subject=path, track=self.track, data=data)
+
     def _notify(self, o: Outcome) -> None:
         assert self.on_outcome is not None
         try:
@@ -442,11 +449,28 @@ class Ingester:
             log.exception("on_outcome callback failed")
 
 
+_FILE_STATUS = {
+    INGESTED: documents.INGESTED,
+    DUPLICATE: documents.DUPLICATE,
+    QUARANTINED: documents.QUARANTINED,
+}
+
+
+def _same_stat(prev: dict[str, Any] | None, size: int, mtime: float) -> bool:
+    """The stat fast path: same size and mtime as when last read (and not marked gone)."""
+    return (
+        prev is not None
+        and prev["size"] == size
+        and prev["mtime"] == mtime
+        and prev["status"] != documents.GONE
+    )
+
+
 def _inside(target: str, root: str) -> bool:
     return target == root or target.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def _db_path(path: str) -> str:
+def path_key(path: str) -> str:
     """Paths are stored as text; undecodable bytes in a name are kept via surrogateescape."""
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 

@@ -30,8 +30,16 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from daemon.config import Config
-from daemon.ingest.pipeline import Ingester, OnOutcome, Summary, is_ignored_name, iter_files
-from store.db import open_db
+from daemon.ingest.pipeline import (
+    Ingester,
+    OnOutcome,
+    Summary,
+    is_ignored_name,
+    iter_files,
+    path_key,
+)
+from store import documents
+from store.db import open_db, transaction
 
 log = logging.getLogger("evergreen.ingest.watcher")
 
@@ -61,11 +69,16 @@ class _Handler(FileSystemEventHandler):
         w = self.watcher
         kind = event.event_type
         if event.is_directory:
-            if kind in ("created", "moved"):
-                w._scan_dir_later(_fs(event.dest_path if kind == "moved" else event.src_path))
+            if kind == "moved":
+                w._renamed(_fs(event.src_path), _fs(event.dest_path), directory=True)
+                w._scan_dir_later(_fs(event.dest_path))
+            elif kind == "created":
+                w._scan_dir_later(_fs(event.src_path))
+            elif kind == "deleted":
+                w._forget(_fs(event.src_path), directory=True)
             return
         if kind == "moved":
-            w._forget(_fs(event.src_path))
+            w._renamed(_fs(event.src_path), _fs(event.dest_path))
             w._touch(_fs(event.dest_path), closed=False)
         elif kind in ("created", "modified"):
             w._touch(_fs(event.src_path), closed=False)
@@ -103,6 +116,8 @@ class InboxWatcher:
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
         self._dirs: set[str] = set()
+        self._gone: set[tuple[str, bool]] = set()  # (path, is_directory)
+        self._moves: list[tuple[str, str, bool]] = []  # (src, dest, is_directory)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._requests: queue.Queue[tuple[threading.Event, dict[str, Any]]] = queue.Queue()
@@ -195,9 +210,22 @@ class InboxWatcher:
         if new or closed:
             self._wake.set()
 
-    def _forget(self, path: str) -> None:
+    def _forget(self, path: str, *, directory: bool = False) -> None:
+        """A path (or a whole directory) left the inbox: drop it, and mark it gone later."""
         with self._lock:
             self._pending.pop(path, None)
+            self._gone.add((path, directory))
+        self._wake.set()
+
+    def _renamed(self, src: str, dest: str, *, directory: bool = False) -> None:
+        """Moved inside the inbox: the history follows the file; moved out: it is gone."""
+        with self._lock:
+            self._pending.pop(src, None)
+            if self._wanted(dest):
+                self._moves.append((src, dest, directory))
+            else:
+                self._gone.add((src, directory))
+        self._wake.set()
 
     def _scan_dir_later(self, path: str) -> None:
         if self._wanted(path):
@@ -247,6 +275,12 @@ class InboxWatcher:
             next_rescan = now + self.rescan_interval if self.rescan_interval > 0 else float("inf")
         with self._lock:
             dirs, self._dirs = self._dirs, set()
+            gone, self._gone = self._gone, set()
+            moves, self._moves = self._moves, []
+        if moves:
+            self._apply_moves(moves)
+        if gone:
+            self._mark_gone(gone)
         for d in dirs:
             self._enqueue_scan(d)
         next_due = self._ingest_due()
@@ -271,24 +305,61 @@ class InboxWatcher:
         log.debug("rescan: %d new/changed, %.2f s", found, time.monotonic() - started)
         return data
 
-    def _enqueue_scan(self, root: str) -> int:
-        """Mark files under ``root`` pending unless the store has them with the same stat.
-
-        A file whose mtime is older than the quiet period counts as settled already.
-        """
+    def _known(self, root: str) -> dict[str, tuple[int, float]]:
+        """Stat of every live (not gone) path the store has under ``root``."""
         assert self._ingester is not None
         prefix = root.rstrip(os.sep) + os.sep
         # Paths under root sort between "root/" and "root0" ('0' follows '/'): a PK range.
-        known = {
+        return {
             row[0]: (row[1], row[2])
             for row in self._ingester.db.conn.execute(
-                "SELECT path, size, mtime FROM files WHERE path >= ? AND path < ? AND track = ?",
-                (prefix, prefix[:-1] + chr(ord(os.sep) + 1), self.cfg.track),
+                "SELECT path, size, mtime FROM files WHERE path >= ? AND path < ?"
+                " AND track = ? AND status != ?",
+                (prefix, prefix[:-1] + chr(ord(os.sep) + 1), self.cfg.track, documents.GONE),
             )
         }
+
+    def _mark_gone(self, gone: set[tuple[str, bool]]) -> None:
+        """Record paths that left the inbox (re-checked on disk: a save-by-rename puts the
+        path right back), so they stop carrying their document (see mark_files_gone)."""
+        assert self._ingester is not None
+        paths: list[str] = []
+        for path, directory in gone:
+            candidates = list(self._known(path)) if directory else [path_key(path)]
+            paths.extend(p for p in candidates if not os.path.lexists(p))
+        if paths:
+            with transaction(self._ingester.db):
+                n = documents.mark_files_gone(self._ingester.db, paths)
+            if n:
+                log.info("%d file(s) left the inbox (their documents are kept)", n)
+
+    def _apply_moves(self, moves: list[tuple[str, str, bool]]) -> None:
+        """Re-key the store's rows of renamed files (in event order) before they are read."""
+        assert self._ingester is not None
+        db = self._ingester.db
+        with transaction(db):
+            for src, dest, directory in moves:
+                if directory:
+                    pairs = [(p, dest + p[len(src) :]) for p in self._known(src)]
+                else:
+                    pairs = [(path_key(src), path_key(dest))]
+                for old, new in pairs:
+                    if not os.path.lexists(old) and not documents.rename_file(db, old, new):
+                        documents.mark_files_gone(db, [old])  # moved over another file
+
+    def _enqueue_scan(self, root: str) -> int:
+        """Mark files under ``root`` pending unless the store has them with the same stat;
+        paths the store knows that are no longer there are marked gone.
+
+        A file whose mtime is older than the quiet period counts as settled already.
+        """
+        known = self._known(root)
+        walked: set[str] = set()
         mono, wall = time.monotonic(), time.time()
         added = 0
         for path in iter_files(root):
+            key = path_key(path)
+            walked.add(key)
             try:
                 st = os.lstat(path)
             except OSError:
@@ -296,7 +367,7 @@ class InboxWatcher:
             if stat_mod.S_ISLNK(st.st_mode):
                 with contextlib.suppress(OSError):  # a broken link is quarantined later
                     st = os.stat(path)
-            if known.get(path) == (st.st_size, st.st_mtime):
+            if known.get(key) == (st.st_size, st.st_mtime):
                 continue
             age = max(0.0, wall - st.st_mtime)
             with self._lock:
@@ -305,6 +376,9 @@ class InboxWatcher:
                         changed_at=mono - age, sig=(st.st_size, st.st_mtime_ns)
                     )
                     added += 1
+        missing = known.keys() - walked
+        if missing:
+            self._mark_gone({(p, False) for p in missing})
         return added
 
     def _ingest_due(self, summary: Summary | None = None) -> float:
