@@ -175,10 +175,14 @@ class SeedConfig:
     size: str = opt("default", "Seed model size: 'default' (~15M params) or 'tiny' (tests).")
     time_budget_s: float = opt(300.0, "Pretraining time budget for the seed model.")
     seed: int = opt(0, "Random seed; the build is deterministic for a given seed.")
+    steps: int = opt(
+        0, "Pretraining steps (0 = the size's default); fixed, so a build is reproducible."
+    )
 
     def __post_init__(self) -> None:
         _check_choice("size", self.size, ("default", "tiny"))
         _check_range("time_budget_s", self.time_budget_s, 1, 86400)
+        _check_range("steps", self.steps, 0, 10_000_000)
 
 
 @dataclass

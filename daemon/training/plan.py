@@ -21,6 +21,7 @@ from daemon.config import Config
 from store import adapters, documents, stages
 
 MAX_RETENTION_CHUNKS = 128
+MAX_SCORE_CHUNKS = 2000  # replay buffer + pending chunks scored under the candidate
 GENERAL_HOLDOUT = "general_holdout.txt"  # written by daemon.training.seed
 
 
@@ -64,6 +65,20 @@ def retention_ids(db: sqlite_utils.Database, track: str, exclude: set[int], seed
     return rows
 
 
+def score_ids(db: sqlite_utils.Database, track: str, exclude: set[int]) -> list[int]:
+    """Chunks the stage also scores under its candidate (for replay/selection policies):
+    the replay buffer first, then still-pending train chunks, capped."""
+    ids = [int(r["chunk_id"]) for r in documents.replay_rows(db, track)]
+    ids += [int(c["id"]) for c in documents.pending_chunks(db, track, split="train")]
+    seen: set[int] = set(exclude)
+    out = []
+    for i in ids:
+        if i not in seen:
+            seen.add(i)
+            out.append(i)
+    return out[:MAX_SCORE_CHUNKS]
+
+
 def build_plan(cfg: Config, db: sqlite_utils.Database, selection: dict[str, Any]) -> dict[str, Any]:
     """The full plan for ``selection`` (the output of ``policies.engine.plan_stage``)."""
     base = cfg.resolved_base_model()
@@ -105,6 +120,7 @@ def build_plan(cfg: Config, db: sqlite_utils.Database, selection: dict[str, Any]
         "general_eval": general_eval_path(cfg),
         "eval_sets": [str(Path(p).expanduser().absolute()) for p in cfg.training.eval_sets],
         "eval_match": cfg.training.eval_match,
+        "score_chunk_ids": score_ids(db, cfg.track, set(new_ids) | set(replay_ids)),
         "new_sha256": chunk_hash(db, new_ids),
         "replay_sha256": chunk_hash(db, replay_ids),
     }

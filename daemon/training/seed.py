@@ -96,8 +96,16 @@ def spec_for(cfg: Config) -> SeedSpec:
     return spec
 
 
-def is_built(path: Path) -> bool:
-    return (path / MANIFEST).is_file() and (path / "config.json").is_file()
+def is_built(path: Path, spec: SeedSpec | None = None) -> bool:
+    """A finished build (and, given ``spec``, one made with the same step count)."""
+    if not ((path / MANIFEST).is_file() and (path / "config.json").is_file()):
+        return False
+    if spec is None:
+        return True
+    try:
+        return int(json.loads((path / MANIFEST).read_text())["steps"]) == spec.steps
+    except (ValueError, KeyError, OSError):
+        return False
 
 
 def ensure_seed_model(cfg: Config, force: bool = False, progress: bool = False) -> Path:
@@ -107,11 +115,12 @@ def ensure_seed_model(cfg: Config, force: bool = False, progress: bool = False) 
     one finds the finished model.
     """
     final = cfg.seed_model_dir
-    if is_built(final) and not force:
+    spec = spec_for(cfg)
+    if is_built(final, spec) and not force:
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     with _lock(final.parent / f".{final.name}.lock"):
-        if is_built(final) and not force:
+        if is_built(final, spec) and not force:
             return final
         fsutil.remove_stale_temps(final.parent)
         tmp = fsutil.make_temp_dir(final)

@@ -389,8 +389,24 @@ class Stage:
             batch_tokens=self.hp.batch_tokens,
             device=self.dev.device,
         )
+        extra = [
+            Example(e.ids, e.labels, e.chunk_id, "eval")
+            for chunk in documents.chunks_by_ids(self.db, self.plan.get("score_chunk_ids", []))
+            for e in self._safe_encode(chunk)
+        ]
+        if extra:
+            _, more, _ = ev.example_losses(self.model, extra, max_len=max_len,
+                                           batch_tokens=self.hp.batch_tokens,
+                                           device=self.dev.device)
+            per_chunk.update(more)
         self.chunk_losses = per_chunk
         return metrics
+
+    def _safe_encode(self, chunk: dict[str, Any]) -> list[Example]:
+        try:
+            return data_mod.encode_chunk(self.tok, chunk, "eval", self.hp.max_seq_len)
+        except ValueError:
+            return []
 
     def publish(self, train_stats: dict[str, Any], metrics: dict[str, Any]) -> Path:
         """Write the adapter to a temp dir, fsync, rename into ``adapters/<version>``."""

@@ -1,0 +1,190 @@
+"""Training stages end to end: real store, real tiny model, real stage subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon.training import plan as plan_mod
+from daemon.training import runner
+from store import adapters, documents, stages
+from store.db import open_db
+from tests.fixtures_model import add_doc, make_tiny_cfg
+
+pytestmark = pytest.mark.slow
+
+FACTS_A = [f"The glorp number {i} lives in Vantor{i} and eats red pebbles." for i in range(8)]
+FACTS_B = [f"Quimbo river {i} flows into the Sea of Darl{i} every spring." for i in range(8)]
+PERMISSIVE_GATE = {"name": "gate", "min_new_improvement": 0.0, "max_retention_regression": 1.0,
+                   "max_general_regression": 1.0, "max_eval_drop_points": 100.0}
+
+
+def _cfg(tmp_path: Path, base: Path, **training: object):
+    state = tmp_path / "state"
+    state.mkdir(exist_ok=True)
+    t = {"epochs": 6.0, "learning_rate": 0.005, "max_seq_len": 128, "batch_tokens": 256,
+         "eval_every": 0, "checkpoint_every": 0, **training}
+    return make_tiny_cfg(state, base, training=t, serving={"mode": "none"},
+                         policy={"promotion": PERMISSIVE_GATE,
+                                 "replay": {"name": "uniform", "ratio": 0.5}})
+
+
+def test_stage_learns_promotes_and_replays(tmp_path: Path, tiny_seed_model: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    evals = tmp_path / "facts.jsonl"
+    evals.write_text(json.dumps({"prompt": "The glorp number 1 lives in", "answer": "Vantor1"})
+                     + "\nnot json\n")
+    cfg = _cfg(tmp_path, tiny_seed_model, eval_sets=[str(evals)])
+    db = open_db(cfg.db_path)
+    add_doc(db, FACTS_A[:6], holdout=FACTS_A[6:])
+    seen: list[dict] = []
+    res = runner.run_stage(cfg, db, on_progress=seen.append)
+    assert res["status"] == "promoted", res
+    m = res["metrics"]
+    assert m["candidate"]["new_loss"] < m["baseline"]["new_loss"] - 0.05
+    for side in ("candidate", "baseline"):
+        assert {"new_loss", "general_loss", "eval:facts"} <= set(m[side])
+        assert 0.0 <= m[side]["eval:facts"] <= 100.0
+    assert any(x.get("event") == "progress" and x.get("step") for x in seen)
+    assert adapters.current(db) == "v0001"
+
+    path = cfg.adapters_dir / "v0001"
+    acfg = json.loads((path / "adapter_config.json").read_text())
+    assert acfg["base_model_name_or_path"] == str(tiny_seed_model)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["parent_version"] is None and manifest["base_model_sha256"]
+    assert manifest["data"]["new_sha256"] and manifest["metrics"]["candidate"]
+    assert not [p for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pkl")]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_seed_model), path)
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+    # trained chunks are marked with their learned loss and offered to the replay buffer
+    trained = documents.chunks_by_ids(db, stages.get(db, 1)["plan"]["new_chunk_ids"])
+    assert all(c["status"] == "trained" and c["learned_loss"] is not None for c in trained)
+    assert len(documents.replay_rows(db, "default")) == len(trained)
+
+    # stage 2: warm start from v0001, replay chunks really in the packed batches
+    add_doc(db, FACTS_B[:6], holdout=FACTS_B[6:])
+    res2 = runner.run_stage(cfg, db)
+    assert res2["status"] in ("promoted", "rejected"), res2
+    row = stages.get(db, res2["stage_id"])
+    plan = row["plan"]
+    assert plan["parent_version"] == "v0001" and plan["init_adapter"].endswith("v0001")
+    assert plan["replay_chunk_ids"]
+    packed = json.loads((Path(plan["stage_dir"]) / "data.json").read_text())
+    trained_ids = {c for r in packed["rows_chunk_ids"] for c in r}
+    assert set(plan["replay_chunk_ids"]) <= trained_ids
+    assert set(plan["new_chunk_ids"]) <= trained_ids
+    assert packed["replay_tokens"] > 0
+    assert "retention_loss" in row["metrics"]["candidate"]
+    db.conn.close()
+
+
+def test_nan_loss_fails_stage_without_adapter(
+    tmp_path: Path, tiny_seed_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EVERGREEN_FAULT_NAN_STEP", "2")
+    cfg = _cfg(tmp_path, tiny_seed_model)
+    db = open_db(cfg.db_path)
+    add_doc(db, FACTS_A)
+    res = runner.run_stage(cfg, db)
+    assert res["status"] == "failed"
+    assert "non-finite loss at step 2" in res["reason"]
+    assert stages.get(db, res["stage_id"])["status"] == "failed"
+    assert not cfg.adapters_dir.exists() or not any(cfg.adapters_dir.iterdir())
+    assert adapters.list_adapters(db, "default") == []
+    assert documents.pending_chunks(db, "default")  # data is still pending
+    db.conn.close()
+
+
+def _wait_for(cond, timeout: float = 300.0) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError("condition not reached")
+
+
+def test_kill9_mid_stage_then_resume(tmp_path: Path, tiny_seed_model: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = _cfg(tmp_path, tiny_seed_model, epochs=30.0, batch_tokens=64, checkpoint_every=3)
+    db = open_db(cfg.db_path)
+    add_doc(db, FACTS_A)
+    sid = plan_mod.write_plan(cfg, db)
+    assert sid is not None
+    stage_dir = cfg.stages_dir / str(sid)
+    proc = subprocess.Popen(runner.stage_command(cfg, sid), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=runner._env(),
+                            cwd=str(runner.PROJECT_ROOT))
+    try:
+        _wait_for(lambda: (stage_dir / "checkpoint" / "state.pt").is_file()
+                  and (stages.get(db, sid)["progress"].get("step") or 0) >= 4)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    row = stages.get(db, sid)
+    assert row["status"] == "running"
+    assert row["progress"]["step"] < row["progress"]["total"]
+    assert not (cfg.adapters_dir / "v0001").exists()
+
+    res = runner.run_stage(cfg, db, stage_id=sid)
+    assert res["status"] == "promoted", res
+    assert res["metrics"]["training"]["resumed_from_step"] >= 3
+    assert res["metrics"]["training"]["steps"] == res["metrics"]["training"]["total_steps"]
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_seed_model),
+                              cfg.adapters_dir / "v0001")
+    db.conn.close()
+
+
+def test_stop_event_checkpoints_and_daemon_startup_resumes(
+    tmp_path: Path, tiny_seed_model: Path
+) -> None:
+    cfg = _cfg(tmp_path, tiny_seed_model, epochs=30.0, batch_tokens=64, checkpoint_every=50)
+    db = open_db(cfg.db_path)
+    add_doc(db, FACTS_A)
+    stop = threading.Event()
+
+    def on_progress(msg: dict) -> None:
+        if (msg.get("step") or 0) >= 2:
+            stop.set()
+
+    res = runner.run_stage(cfg, db, on_progress=on_progress, stop_event=stop)
+    assert res["status"] == "interrupted", res
+    sid = res["stage_id"]
+    assert stages.get(db, sid)["status"] == "running"
+    assert (cfg.stages_dir / str(sid) / "checkpoint" / "state.pt").is_file()
+
+    (out,) = runner.resume_or_fail_running(cfg, db)
+    assert out["stage_id"] == sid and out["status"] == "promoted", out
+    assert out["metrics"]["training"]["resumed_from_step"] >= 2
+    assert runner.resume_or_fail_running(cfg, db) == []
+    db.conn.close()
+
+
+def test_resume_fails_cleanly_when_base_model_is_gone(tmp_path: Path, tiny_seed_model: Path) -> None:
+    import shutil
+
+    base = tmp_path / "base-copy"
+    shutil.copytree(tiny_seed_model, base)
+    cfg = _cfg(tmp_path, base)
+    db = open_db(cfg.db_path)
+    add_doc(db, FACTS_A)
+    sid = plan_mod.write_plan(cfg, db)
+    stages.set_status(db, sid, stages.RUNNING, pid=os.getpid())
+    shutil.rmtree(base)
+    (out,) = runner.resume_or_fail_running(cfg, db)
+    assert out["status"] == "failed"
+    assert "gone" in stages.get(db, sid)["reason"]
+    db.conn.close()
