@@ -233,3 +233,20 @@ def test_file_moved_out_of_the_inbox_is_gone(
         )
     )
     assert [d["status"] for d in docs(cfg)] == ["ingested", "ingested"]
+
+
+def test_close_write_wins_over_a_stale_stat_from_a_rescan(
+    state_dir: Path, watcher_factory: Callable[..., InboxWatcher]
+) -> None:
+    """A rescan saw the file empty (mid-write); the writer then finished and closed it."""
+    cfg = make_cfg(state_dir, quiet_period_s=600.0, rescan_interval_s=0.0)
+    inbox = Path(cfg.inbox_dir)
+    inbox.mkdir(parents=True)
+    path = inbox / "growing.txt"
+    path.write_text("")
+    watcher = watcher_factory(cfg)
+    assert watcher.rescan()["pending"] == 1  # recent mtime: pending, with its empty stat
+    watcher.start()
+    path.write_text(LOREM + " now complete")
+    wait_for(lambda: len(docs(cfg)) == 1)
+    assert docs(cfg)[0]["status"] == "ingested"

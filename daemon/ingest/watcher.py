@@ -205,6 +205,9 @@ class InboxWatcher:
                 item.closed = True
             else:
                 item.changed_at, item.closed = now, False
+            # Events are newer news than the last stat: re-baseline, so a size change the
+            # event already explains is not taken for an event-less change later.
+            item.sig = None
             item.gen += 1
         # A further write to a pending file only postpones it: no need to wake the worker.
         if new or closed:
