@@ -265,6 +265,15 @@ class InboxWatcher:
 
     def _step(self, next_rescan: float) -> float:
         """One pass of the worker loop; returns when the next periodic rescan is due."""
+        # Renames and removals first: a rescan must not see a renamed file as new.
+        with self._lock:
+            dirs, self._dirs = self._dirs, set()
+            gone, self._gone = self._gone, set()
+            moves, self._moves = self._moves, []
+        if moves:
+            self._apply_moves(moves)
+        if gone:
+            self._mark_gone(gone)
         while not self._requests.empty():
             done, result = self._requests.get_nowait()
             try:
@@ -276,14 +285,6 @@ class InboxWatcher:
             self._rescan()
             now = time.monotonic()
             next_rescan = now + self.rescan_interval if self.rescan_interval > 0 else float("inf")
-        with self._lock:
-            dirs, self._dirs = self._dirs, set()
-            gone, self._gone = self._gone, set()
-            moves, self._moves = self._moves, []
-        if moves:
-            self._apply_moves(moves)
-        if gone:
-            self._mark_gone(gone)
         for d in dirs:
             self._enqueue_scan(d)
         next_due = self._ingest_due()
