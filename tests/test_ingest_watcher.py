@@ -15,7 +15,7 @@ from daemon.config import Config
 from daemon.ingest.watcher import InboxWatcher
 from tests.ingest_helpers import LOREM, docs, make_cfg, rows, text_of
 
-WAIT_S = 30.0  # generous upper bound for a loaded CI machine; not a speed assertion
+WAIT_S = 60.0  # generous upper bound for a loaded CI machine; not a speed assertion
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = WAIT_S) -> None:
