@@ -446,3 +446,36 @@ def test_one_failing_file_does_not_poison_its_batch(
     assert err["path"].endswith("poison.txt")
     assert err["error"].startswith("unreadable: internal error: ValueError")
     assert chunks(cfg) and all("poison" not in c["text"] for c in chunks(cfg))
+
+
+def test_html_without_elements_is_empty(cfg: Config, inbox: Path) -> None:
+    write(inbox / "c.html", "<!-- only a comment -->")
+    ingest_paths(cfg, [inbox])
+    (doc,) = docs(cfg)
+    assert doc["error"].startswith("empty: ")
+
+
+def test_concurrent_ingests_of_the_same_files_store_each_once(cfg: Config, inbox: Path) -> None:
+    """Two processes' worth of connections race over one inbox (e.g. CLI and daemon)."""
+    import threading
+
+    for i in range(60):
+        write(inbox / f"f{i:02d}.txt", f"{LOREM} file {i}")
+    write(inbox / "dup.txt", f"{LOREM} file 7")
+    results: list[dict[str, Any]] = []
+
+    def run() -> None:
+        results.append(ingest_paths(cfg, [inbox], batch_size=7))
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 3
+    assert sum(r["outcomes"]["ingested"] for r in results) == 60
+    assert sum(r["outcomes"]["duplicate"] for r in results) == 1
+    assert len(docs(cfg)) == 60
+    assert len(rows(cfg, "SELECT * FROM files")) == 61
+    per_doc = rows(cfg, "SELECT document_id, COUNT(*) AS n FROM chunks GROUP BY document_id")
+    assert len(per_doc) == 60 and {r["n"] for r in per_doc} == {1}

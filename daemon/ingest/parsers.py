@@ -107,6 +107,8 @@ def parse(data: bytes, suffix: str) -> Parsed:
     except RecursionError:
         raise Quarantine(GARBAGE, "structure nested too deeply") from None
     except Exception as exc:  # a parser library bug or an input it chokes on
+        if "Document is empty" in str(exc):  # lxml: markup with no elements at all
+            raise Quarantine(EMPTY, "no content") from None
         reason = BROKEN_PDF if fmt == "pdf" else UNDECODABLE
         raise Quarantine(reason, f"{type(exc).__name__}: {exc}"[:300]) from None
 
