@@ -45,8 +45,8 @@ from tests.fixtures_vllm import free_port, make_lora  # noqa: E402
 CLIENTS = 8
 SWAPS = 10
 STREAM_TOKENS = 24
-DECODE_TOKENS = 64
-DECODE_ROUNDS = 8
+DECODE_TOKENS = 96
+DECODE_ROUNDS = 20
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -224,12 +224,14 @@ def main() -> int:
         time.sleep(3)  # clients in full flow before the first swap
         durations: list[float] = []
         for version in versions:
+            steps: dict[str, float] = {}
             if args.mechanism == "alias":
-                seconds = swapper.promote(version, reason="benchmark").seconds
+                result = swapper.promote(version, reason="benchmark")
+                seconds, steps = result.seconds, result.stages
             else:
                 seconds = resolver_swap(cfg, server, version)
             durations.append(seconds)
-            print(f"  swap -> {version}: {seconds:.3f}s", flush=True)
+            print(f"  swap -> {version}: {seconds:.3f}s {steps}", flush=True)
             time.sleep(1.0)
         time.sleep(2)
         load.stop.set()

@@ -32,9 +32,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlite_utils
 
@@ -56,6 +57,13 @@ from store.db import open_db
 log = logging.getLogger(__name__)
 
 VERIFY_ATTEMPTS = 3
+_T = TypeVar("_T")
+
+
+def _lap(timings: dict[str, float], step: str, mark: float) -> float:
+    now = time.monotonic()
+    timings[step] = round(now - mark, 4)
+    return now
 
 
 class SwapError(RuntimeError):
@@ -69,6 +77,7 @@ class SwapResult:
     seconds: float
     previous: dict[str, str | None] = field(default_factory=dict)  # endpoint -> old target
     message: str = ""
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per swap step
 
 
 @dataclass
@@ -171,9 +180,11 @@ class Swapper:
         link_for_resolver(self.cfg, version, path)
         return path
 
-    def _ensure_loaded(self, ep: VLLMClient, name: str, path: Path) -> bool:
+    def _ensure_loaded(
+        self, ep: VLLMClient, name: str, path: Path, registry: dict[str, dict[str, str]]
+    ) -> bool:
         """Load ``name`` from ``path`` unless already loaded from there; True if loaded now."""
-        registered = ep.aliases().get(name)
+        registered = registry.get(name)
         if registered is not None:
             if registered.get("target") == name and Path(registered["path"]).resolve() == path:
                 return False
@@ -185,16 +196,56 @@ class Swapper:
         sc = self.cfg.serving
         return ep.completion(model, sc.smoke_prompt, max_tokens=sc.smoke_max_tokens)
 
-    def _verify(self, ep: VLLMClient, name: str, expected: str) -> None:
-        alias = ep.aliases().get(self.stable) or {}
-        if alias.get("target") != name:
-            raise VLLMError(f"{ep.name}: {self.stable} points at {alias.get('target')}, not {name}")
+    def _verify(self, ep: VLLMClient, expected: str) -> None:
         got = ""
         for _ in range(VERIFY_ATTEMPTS):  # batch composition can flip a near-tie; retry
             got = self._smoke(ep, self.stable)
             if got == expected:
                 return
         raise VLLMError(f"{ep.name}: greedy output under {self.stable} {got!r} != {expected!r}")
+
+    def _prepare(self, ep: VLLMClient, name: str, path: Path) -> tuple[str | None, bool, str]:
+        """Step 1 on one endpoint: (previous alias target, loaded now?, candidate's output)."""
+        registry = ep.aliases()
+        previous = (registry.get(self.stable) or {}).get("target")
+        loaded = self._ensure_loaded(ep, name, path, registry)
+        try:
+            return previous, loaded, self._smoke(ep, name)
+        except VLLMError:
+            if loaded:
+                with contextlib.suppress(VLLMError):
+                    ep.unload_lora(name)
+            raise
+
+    def _flip(self, ep: VLLMClient, name: str) -> None:
+        answer = ep.set_alias(self.stable, name)
+        if answer.get("target") != name:
+            raise VLLMError(
+                f"{ep.name}: {self.stable} points at {answer.get('target')}, not {name}"
+            )
+
+    def _each(self, fn: Callable[[VLLMClient], _T]) -> tuple[dict[str, _T], list[Exception]]:
+        """Run ``fn`` on every endpoint at once: (results by endpoint, errors)."""
+        results: dict[str, _T] = {}
+        errors: list[Exception] = []
+        if len(self.endpoints) == 1:
+            ep = self.endpoints[0]
+            try:
+                results[ep.name] = fn(ep)
+            except (VLLMError, OSError) as exc:
+                errors.append(exc)
+            return results, errors
+        with ThreadPoolExecutor(max_workers=len(self.endpoints)) as pool:
+            futures = {ep.name: pool.submit(fn, ep) for ep in self.endpoints}
+        for name, future in futures.items():
+            err = future.exception()
+            if err is None:
+                results[name] = future.result()
+            elif isinstance(err, VLLMError | OSError):
+                errors.append(err)
+            else:
+                raise err
+        return results, errors
 
     def swap_to(self, version: str, *, reason: str = "") -> SwapResult:
         """Serve ``version`` under the stable name on every endpoint, or on none (raises)."""
@@ -204,23 +255,26 @@ class Swapper:
             loaded: list[VLLMClient] = []
             flipped: list[VLLMClient] = []
             previous: dict[str, str | None] = {}
+            timings: dict[str, float] = {}
             stage = "validate"
+            mark = started
             try:
                 path = self._target(version)
-                stage = "load"
-                expected: dict[str, str] = {}
+                stage, mark = "load", _lap(timings, "validate", mark)
+                prepared, errors = self._each(lambda ep: self._prepare(ep, name, path))
+                previous = {k: v[0] for k, v in prepared.items()}
+                loaded = [ep for ep in self.endpoints if prepared.get(ep.name, ("", False))[1]]
+                if errors:  # endpoints that failed have already unloaded what they loaded
+                    raise errors[0]
+                stage, mark = "flip", _lap(timings, "load_smoke", mark)
                 for ep in self.endpoints:
-                    previous[ep.name] = (ep.aliases().get(self.stable) or {}).get("target")
-                    if self._ensure_loaded(ep, name, path):
-                        loaded.append(ep)
-                    expected[ep.name] = self._smoke(ep, name)
-                stage = "flip"
-                for ep in self.endpoints:
-                    ep.set_alias(self.stable, name)
                     flipped.append(ep)
-                stage = "verify"
-                for ep in self.endpoints:
-                    self._verify(ep, name, expected[ep.name])
+                    self._flip(ep, name)
+                stage, mark = "verify", _lap(timings, "flip", mark)
+                _, errors = self._each(lambda ep: self._verify(ep, prepared[ep.name][2]))
+                if errors:
+                    raise errors[0]
+                _lap(timings, "verify", mark)
             except (VLLMError, AdapterRejected, OSError) as exc:
                 self._undo(name, loaded, flipped, previous)
                 return self._failed(
@@ -230,7 +284,7 @@ class Swapper:
             for ep in self.endpoints:
                 st = self.states[ep.name]
                 st.up, st.serving, st.last_error, st.checked_at = True, version, "", time.time()
-            result = SwapResult(version, True, seconds, previous, f"serving {version}")
+            result = SwapResult(version, True, seconds, previous, f"serving {version}", timings)
             self.durations.append(seconds)
             self.last_swap_at = time.time()
             self.swaps_ok += 1
@@ -253,6 +307,7 @@ class Swapper:
         flipped: list[VLLMClient],
         previous: dict[str, str | None],
     ) -> None:
+        """Put back what a failed swap changed: the aliases, then this swap's loads."""
         for ep in flipped:
             old = previous.get(ep.name)
             try:
@@ -352,10 +407,9 @@ class Swapper:
                 st.serving, st.last_error = want, ""
                 self._last_reconcile_error.pop(ep.name, None)
                 return "ok"
-            self._ensure_loaded(ep, name, path)
-            expected = self._smoke(ep, name)
-            ep.set_alias(self.stable, name)
-            self._verify(ep, name, expected)
+            _, _, expected = self._prepare(ep, name, path)
+            self._flip(ep, name)
+            self._verify(ep, expected)
         except (VLLMError, AdapterRejected, OSError) as exc:
             st.last_error = str(exc)
             st.serving = None
