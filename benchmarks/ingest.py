@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from daemon import config as config_mod
 from daemon.ingest.pipeline import ingest_paths
 
-REPEATS = 2  # runs per size; the best one is reported
+REPEATS = 3  # runs per size; the best one is reported
 
 WORDS = [
     "the",
