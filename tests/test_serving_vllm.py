@@ -7,11 +7,14 @@ among the single-server tests because it restarts the server.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from daemon.config import Config
@@ -172,6 +175,58 @@ def test_corrupt_candidate_leaves_current_serving(
     failed = recent_events(serving_cfg, "swap.failed")[0]
     assert failed["subject"] == version
     assert failed["data"]["stage"] == stage
+
+
+def _stream_until(ep_url: str, key: str, stop: threading.Event, seen: list[tuple[bool, str]]):
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"model": "evergreen", "prompt": "The", "max_tokens": 16, "stream": True}
+    with httpx.Client(base_url=ep_url, headers=headers, timeout=120) as http:
+        while not stop.is_set():
+            model, done = "", False
+            try:
+                with http.stream("POST", "/v1/completions", json=body) as resp:
+                    for line in resp.iter_lines():
+                        if line == "data: [DONE]":
+                            done = resp.status_code == 200
+                        elif line.startswith("data: "):
+                            model = json.loads(line[6:]).get("model", model)
+            except httpx.HTTPError as exc:
+                model = repr(exc)
+            seen.append((done, model))
+
+
+def test_no_request_fails_during_swaps(
+    serving_cfg: Config, vllm_server: ManagedVLLM, swapper: Swapper, loras: dict[str, str]
+) -> None:
+    start = current(serving_cfg) or loras["b"]
+    stop = threading.Event()
+    seen: list[tuple[bool, str]] = []
+    threads = [
+        threading.Thread(
+            target=_stream_until, args=(vllm_server.url, vllm_server.api_key, stop, seen)
+        )
+        for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    try:
+        while len(seen) < 8:
+            time.sleep(0.05)
+        for version in ("v0001", "v0003", "v0002", start):
+            assert version is not None
+            swapper.promote(version, reason="under load")
+            mark = len(seen)
+            while len(seen) < mark + 4:
+                time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    failed = [s for s in seen if not s[0]]
+    assert failed == []
+    # Each response names the version that served it.
+    assert {m for _, m in seen} <= {"evergreen-v0001", "evergreen-v0002", "evergreen-v0003"}
+    assert {"evergreen-v0001", "evergreen-v0003"} <= {m for _, m in seen}
 
 
 def test_kill_9_restarts_and_restores_current(
