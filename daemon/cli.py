@@ -9,6 +9,7 @@ imported inside commands so ``--help`` and ``status`` stay fast.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -19,7 +20,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from daemon import __version__
+from daemon import __version__, logs
 from daemon import config as config_mod
 from daemon.config import Config, ConfigError
 
@@ -103,6 +104,8 @@ def main(
     """
     ctx.ensure_object(dict)
     ctx.obj.update(config_path=config_path, state_dir=state_dir, inbox_dir=inbox_dir, debug=debug)
+    # One-shot commands log warnings only; `run`/`serve` reconfigure from the config.
+    logs.setup("debug" if debug else "warning", "plain")
 
 
 # --------------------------------------------------------------------------- config
@@ -156,6 +159,8 @@ def ingest(ctx: click.Context, paths: tuple[str, ...], as_json: bool) -> None:
     from daemon.ingest.pipeline import ingest_paths
 
     cfg = _load_config(ctx)
+    # The summary below lists quarantined files; don't log each one a second time.
+    logging.getLogger("evergreen.ingest").setLevel(logging.ERROR)
     summary = ingest_paths(cfg, [Path(p) for p in paths], progress=not as_json)
     if as_json:
         _print_json(summary)
