@@ -416,7 +416,7 @@ def _fire_text(d: Decision) -> str:
 
 
 @dataclass
-class All:
+class AllOf:
     """Fires when every child fires. Waiting text lists the unmet children."""
 
     children: list[TriggerPolicy]
@@ -446,7 +446,7 @@ class All:
 
 
 @dataclass
-class Any_:
+class AnyOf:
     """Fires when at least one child fires. Waiting text joins the children with "or"."""
 
     children: list[TriggerPolicy]
@@ -499,7 +499,7 @@ def build_trigger(tree: Any, path: str = "policy.trigger") -> TriggerPolicy:
         if not isinstance(items, list) or not items:
             raise ConfigError(f"{path}.{key}", "must be a non-empty list of trigger nodes")
         children = [build_trigger(item, f"{path}.{key}[{i}]") for i, item in enumerate(items)]
-        return All(children) if key == "all" else Any_(children)
+        return AllOf(children) if key == "all" else AnyOf(children)
     policy: TriggerPolicy = build("trigger", tree, path)
     return policy
 
@@ -514,8 +514,8 @@ def uses(tree: Any, name: str) -> bool:
 
 
 __all__ = [
-    "All",
-    "Any_",
+    "AllOf",
+    "AnyOf",
     "Cooldown",
     "MaxStaleness",
     "MinNewTokens",
