@@ -197,70 +197,100 @@ def explain_next(
         probe_memory=probe_memory,
     )
     decision = pol.trigger.evaluate(state)
-    blocked = ""
-    if state.stage_running:
-        active = stages.active(db, cfg.track)[0]
-        blocked = f"stage #{active['id']} is {active['status']}; at most one stage at a time"
-    elif state.pending_tokens <= 0:
-        blocked = "nothing pending to train"
+    blocked = _blocked(cfg, db, state)
     fire = decision.fire and not blocked
-    summary = decision.summary
-    if not decision.fire and not decision.data.get("combinator") and decision.data.get("when"):
-        summary = str(decision.data["when"])  # a lone leaf: its "next stage when" phrase
-    if blocked:
-        line = blocked + (f" (then: {summary})" if summary else "")
-    elif fire:
-        line = f"train now: {summary}"
-    else:
-        line = f"next stage when {summary}"
     due_at = decision.data.get("due_at") if not fire and not blocked else None
-    if due_at is not None and due_at > now:
-        clock = fmt_clock(due_at, state.tz, now)
-        hhmm = datetime.fromtimestamp(due_at, state.tz).strftime("%H:%M")
-        if hhmm not in line:  # "at 14:00 (staleness 6h)" already says it
-            line += f" (earliest {clock})"
+    due_at = due_at if due_at is not None and due_at > now else None
     reasons = ([blocked] if blocked else []) + decision.reasons
     result: dict[str, Any] = {
         "fire": fire,
         "reasons": reasons,
-        "summary": line,
-        "due_at": due_at if due_at is not None and due_at > now else None,
+        "summary": _summary_line(decision, state, blocked=blocked, fire=fire, due_at=due_at),
+        "due_at": due_at,
         "checks": decision.data.get("leaves", []),
         "evaluated_at": now,
-        "state": {
-            "pending_tokens": state.pending_tokens,
-            "staleness_s": round(now - state.oldest_pending_at, 1)
-            if state.oldest_pending_at
-            else 0.0,
-            "last_stage_at": state.last_stage_at,
-            "stage_running": state.stage_running,
-            "current_adapter": state.extra.get("current_adapter"),
-            "pending_loss": state.pending_loss,
-            "pending_scored_fraction": round(state.pending_scored_fraction, 3),
-            "learned_holdout_loss": state.learned_holdout_loss,
-            "serving_running": state.serving_running,
-            "free_memory_bytes": state.free_memory_bytes,
-        },
+        "state": _state_view(state),
     }
     if record:
-        # the blocking *kind* counts, not its text: a stage moving running -> evaluated
-        # is not a new decision (those transitions are stage events already)
-        kind = "running" if state.stage_running else ("empty" if blocked else "")
-        sig = _signature(fire, kind, decision)
-        key = _kv_key("decision_sig", cfg.track)
-        with _tx(db):
-            if kv.get(db, key) != sig:
-                kv.put(db, key, sig)
-                events.record(
-                    db,
-                    EVENT_KIND,
-                    line,
-                    track=cfg.track,
-                    data={"fire": fire, "reasons": reasons, "checks": result["checks"]},
-                )
-                result["recorded"] = True
-                log.info("policy decision: %s", line)
+        _record_decision(cfg, db, result, decision, state=state, blocked=blocked)
     return result
+
+
+def _blocked(cfg: Config, db: sqlite_utils.Database, state: TriggerState) -> str:
+    """Why no stage can start whatever the trigger tree says ('' = nothing blocks)."""
+    if state.stage_running:
+        active = stages.active(db, cfg.track)[0]
+        return f"stage #{active['id']} is {active['status']}; at most one stage at a time"
+    if state.pending_tokens <= 0:
+        return "nothing pending to train"
+    return ""
+
+
+def _summary_line(
+    decision: Decision, state: TriggerState, *, blocked: str, fire: bool, due_at: float | None
+) -> str:
+    """'train now: ...', 'next stage when ...' or the blocking reason, as one line."""
+    summary = decision.summary
+    if not decision.fire and not decision.data.get("combinator") and decision.data.get("when"):
+        summary = str(decision.data["when"])  # a lone leaf: its "next stage when" phrase
+    if blocked:
+        return blocked + (f" (then: {summary})" if summary else "")
+    if fire:
+        return f"train now: {summary}"
+    line = f"next stage when {summary}"
+    if due_at is not None:
+        hhmm = datetime.fromtimestamp(due_at, state.tz).strftime("%H:%M")
+        if hhmm not in line:  # "at 14:00 (staleness 6h)" already says it
+            line += f" (earliest {fmt_clock(due_at, state.tz, state.now)})"
+    return line
+
+
+def _state_view(state: TriggerState) -> dict[str, Any]:
+    """The numbers the decision saw, for status and ``--json``."""
+    return {
+        "pending_tokens": state.pending_tokens,
+        "staleness_s": round(state.now - state.oldest_pending_at, 1)
+        if state.oldest_pending_at
+        else 0.0,
+        "last_stage_at": state.last_stage_at,
+        "stage_running": state.stage_running,
+        "current_adapter": state.extra.get("current_adapter"),
+        "pending_loss": state.pending_loss,
+        "pending_scored_fraction": round(state.pending_scored_fraction, 3),
+        "learned_holdout_loss": state.learned_holdout_loss,
+        "serving_running": state.serving_running,
+        "free_memory_bytes": state.free_memory_bytes,
+    }
+
+
+def _record_decision(
+    cfg: Config,
+    db: sqlite_utils.Database,
+    result: dict[str, Any],
+    decision: Decision,
+    *,
+    state: TriggerState,
+    blocked: str,
+) -> None:
+    """One ``policy.decision`` event (and log line) per change of the decision."""
+    # the blocking *kind* counts, not its text: a stage moving running -> evaluated is
+    # not a new decision (those transitions are stage events already)
+    kind = "running" if state.stage_running else ("empty" if blocked else "")
+    sig = _signature(result["fire"], kind, decision)
+    key = _kv_key("decision_sig", cfg.track)
+    with _tx(db):
+        if kv.get(db, key) == sig:
+            return
+        kv.put(db, key, sig)
+        events.record(
+            db,
+            EVENT_KIND,
+            result["summary"],
+            track=cfg.track,
+            data={"fire": result["fire"], "reasons": result["reasons"], "checks": result["checks"]},
+        )
+    result["recorded"] = True
+    log.info("policy decision: %s", result["summary"])
 
 
 def plan_stage(
