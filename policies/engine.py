@@ -310,18 +310,7 @@ def plan_stage(
     pending = documents.pending_chunk_facts(db, track, split="train")
     if not pending:
         return None
-    loss = documents.scores(db, current, [int(c["id"]) for c in pending])
-    chunks = [
-        PendingChunk(
-            chunk_id=int(c["id"]),
-            n_tokens=int(c["n_tokens"]),
-            created_at=float(c["created_at"]),
-            loss=loss.get(int(c["id"])),
-            attempts=int(c.get("attempts") or 0),
-        )
-        for c in pending
-    ]
-    sel = pol.selection.plan(chunks, rng)
+    sel = pol.selection.plan(_pending_candidates(db, current, pending), rng)
     chosen = set(sel.chunk_ids)
     docs = {int(c["document_id"]) for c in pending if int(c["id"]) in chosen}
     holdout = [
@@ -329,21 +318,7 @@ def plan_stage(
         for c in documents.pending_chunk_facts(db, track, split="holdout")
         if int(c["document_id"]) in docs
     ]
-    rows = documents.replay_rows(db, track)
-    current_loss = documents.scores(db, current, [int(r["chunk_id"]) for r in rows])
-    candidates = [
-        ReplayCandidate(
-            chunk_id=int(r["chunk_id"]),
-            n_tokens=int(r["n_tokens"]),
-            stage_id=r["stage_id"],
-            added_at=float(r["added_at"]),
-            source=str(r.get("path") or r.get("document_id")),
-            learned_loss=r.get("learned_loss"),
-            current_loss=current_loss.get(int(r["chunk_id"])),
-        )
-        for r in rows
-        if int(r["chunk_id"]) not in chosen
-    ]
+    candidates = [c for c in replay_candidates(db, track, current) if c.chunk_id not in chosen]
     budget = pol.replay.budget(sel.tokens)
     rep = pol.replay.plan(candidates, budget, rng)
     return {
@@ -358,6 +333,42 @@ def plan_stage(
         "selection_policy": str(getattr(pol.selection, "policy_name", "")),
         "replay_policy": str(getattr(pol.replay, "policy_name", "")),
     }
+
+
+def _pending_candidates(
+    db: sqlite_utils.Database, current: str | None, pending: list[dict[str, Any]]
+) -> list[PendingChunk]:
+    loss = documents.scores(db, current, [int(c["id"]) for c in pending])
+    return [
+        PendingChunk(
+            chunk_id=int(c["id"]),
+            n_tokens=int(c["n_tokens"]),
+            created_at=float(c["created_at"]),
+            loss=loss.get(int(c["id"])),
+            attempts=int(c.get("attempts") or 0),
+        )
+        for c in pending
+    ]
+
+
+def replay_candidates(
+    db: sqlite_utils.Database, track: str, current: str | None
+) -> list[ReplayCandidate]:
+    """The replay buffer as policy candidates, with losses learned and under ``current``."""
+    rows = documents.replay_rows(db, track)
+    current_loss = documents.scores(db, current, [int(r["chunk_id"]) for r in rows])
+    return [
+        ReplayCandidate(
+            chunk_id=int(r["chunk_id"]),
+            n_tokens=int(r["n_tokens"]),
+            stage_id=r["stage_id"],
+            added_at=float(r["added_at"]),
+            source=str(r.get("path") or r.get("document_id")),
+            learned_loss=r.get("learned_loss"),
+            current_loss=current_loss.get(int(r["chunk_id"])),
+        )
+        for r in rows
+    ]
 
 
 def gate(cfg: Config, candidate: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
