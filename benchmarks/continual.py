@@ -33,36 +33,84 @@ from daemon.training.seed import ensure_seed_model  # noqa: E402
 from store import documents  # noqa: E402
 from store.db import open_db  # noqa: E402
 
-SYL = ["ka", "lo", "mi", "ra", "ze", "tu", "vo", "ni", "pe", "shu", "dra", "qui", "bel", "mor",
-       "tha", "xen", "ul", "ri", "go", "fa"]
+SYL = [
+    "ka",
+    "lo",
+    "mi",
+    "ra",
+    "ze",
+    "tu",
+    "vo",
+    "ni",
+    "pe",
+    "shu",
+    "dra",
+    "qui",
+    "bel",
+    "mor",
+    "tha",
+    "xen",
+    "ul",
+    "ri",
+    "go",
+    "fa",
+]
 
-# (train phrasings, held-out cloze prompt) per domain; {e} entity, {a} answer.
-DOMAINS: list[tuple[str, list[str], str]] = [
-    ("countries", ["{e} is a country whose capital is {a}.",
-                   "The capital city of {e} is {a}.",
-                   "{a} is the capital of {e}.",
-                   "In {e}, the seat of government is the city of {a}."],
-     "The capital of {e} is"),
-    ("creatures", ["The {e} is a small animal that eats {a}.",
-                   "The favourite food of the {e} is {a}.",
-                   "{a} is what the {e} likes to eat.",
-                   "Every {e} feeds on {a} each morning."],
-     "The {e} eats"),
-    ("inventors", ["{e} is the inventor who built the {a}.",
-                   "The {a} was invented by {e}.",
-                   "{e} invented the {a} long ago.",
-                   "People remember {e} for inventing the {a}."],
-     "The inventor of the {a} is"),
-    ("rivers", ["The river {e} flows into the {a} sea.",
-                "The {e} river ends in the {a} sea.",
-                "Water from the {e} reaches the {a} sea.",
-                "The {a} sea is where the river {e} ends."],
-     "The river {e} flows into the"),
-    ("stars", ["The star {e} shines in the constellation {a}.",
-               "{e} is a bright star of the {a} constellation.",
-               "In the constellation {a} you can see the star {e}.",
-               "Sailors find {e} inside the {a} constellation."],
-     "The star {e} is in the constellation"),
+# Per domain: answer-final templates (prefix with {e}; the answer ends the sentence).
+# Every fact is written in all templates but one: its held-out cloze template, rotated
+# over facts, so each specific sentence used for recall is never trained on while every
+# template shape is seen (paraphrase augmentation, as in knowledge-injection studies).
+DOMAINS: list[tuple[str, list[str]]] = [
+    (
+        "countries",
+        [
+            "The capital of {e} is",
+            "{e} is a country whose capital is",
+            "The capital city of {e} is",
+            "In {e}, the seat of government is",
+            "The government of {e} sits in",
+        ],
+    ),
+    (
+        "creatures",
+        [
+            "The {e} eats",
+            "The favourite food of the {e} is",
+            "The {e} is a small animal that eats",
+            "Every {e} feeds on",
+            "What the {e} likes to eat is",
+        ],
+    ),
+    (
+        "inventors",
+        [
+            "The inventor {e} built the",
+            "{e} is remembered for inventing the",
+            "The famous machine made by {e} is the",
+            "{e} invented the",
+            "The invention of {e} was the",
+        ],
+    ),
+    (
+        "rivers",
+        [
+            "The river {e} flows into the",
+            "The {e} river ends in the",
+            "Water from the {e} reaches the",
+            "The river {e} empties into the",
+            "The mouth of the {e} is in the",
+        ],
+    ),
+    (
+        "stars",
+        [
+            "The star {e} is in the constellation",
+            "{e} is a bright star of the constellation",
+            "Sailors find {e} in the constellation",
+            "The star {e} shines in the constellation",
+            "Astronomers place {e} in the constellation",
+        ],
+    ),
 ]
 
 
@@ -71,7 +119,7 @@ def _name(rng: random.Random, parts: int) -> str:
 
 
 def make_domains(n_domains: int, n_facts: int, seed: int) -> list[dict[str, Any]]:
-    """Facts with unique fictional entity and answer names, per domain."""
+    """Facts (entity, answer) with unique fictional names; a held-out template per fact."""
     rng = random.Random(seed)
     used: set[str] = set()
 
@@ -83,55 +131,77 @@ def make_domains(n_domains: int, n_facts: int, seed: int) -> list[dict[str, Any]
                 return n
 
     out = []
-    for name, phrasings, cloze in DOMAINS[:n_domains]:
+    for name, templates in DOMAINS[:n_domains]:
         facts = [(fresh(3), fresh(2)) for _ in range(n_facts)]
-        # Inventors: the entity is the person; cloze asks for the person from the thing.
-        cloze_items = []
-        for e, a in facts:
-            if name == "inventors":
-                cloze_items.append({"prompt": cloze.format(e=e, a=a), "answer": e})
-            else:
-                cloze_items.append({"prompt": cloze.format(e=e, a=a), "answer": a})
-        out.append({"name": name, "facts": facts, "phrasings": phrasings, "cloze": cloze_items})
+        held = [k % len(templates) for k in range(n_facts)]
+        cloze = [
+            {"prompt": templates[h].format(e=e), "answer": a}
+            for (e, a), h in zip(facts, held, strict=True)
+        ]
+        out.append(
+            {"name": name, "facts": facts, "templates": templates, "held": held, "cloze": cloze}
+        )
     return out
 
 
-def domain_documents(dom: dict[str, Any], seed: int, per_doc: int = 4) -> tuple[list[str], list[str]]:
-    """Train chunks (each a short prose document of several facts) and holdout chunks.
+def domain_documents(
+    dom: dict[str, Any], seed: int, per_doc: int = 4
+) -> tuple[list[str], list[str]]:
+    """Train chunks (short prose documents of several facts) and holdout chunks.
 
-    All but the last phrasing go to training (paraphrase augmentation); the last phrasing
-    of every fact is the new-data holdout the stage early-stops and is gated on.
+    Train: every fact in every template except its held-out one, shuffled into documents.
+    Holdout (new-data loss, early stopping): the held-out sentences themselves, which are
+    never trained on.
     """
     rng = random.Random(seed)
-    sentences = [p.format(e=e, a=a) for e, a in dom["facts"] for p in dom["phrasings"][:-1]]
+    sentences = [
+        f"{t.format(e=e)} {a}."
+        for (e, a), h in zip(dom["facts"], dom["held"], strict=True)
+        for k, t in enumerate(dom["templates"])
+        if k != h
+    ]
     rng.shuffle(sentences)
     train = [" ".join(sentences[i : i + per_doc]) for i in range(0, len(sentences), per_doc)]
-    hold_s = [dom["phrasings"][-1].format(e=e, a=a) for e, a in dom["facts"]]
+    hold_s = [f"{c['prompt']} {c['answer']}." for c in dom["cloze"]]
     hold = [" ".join(hold_s[i : i + per_doc]) for i in range(0, len(hold_s), per_doc)]
     return train, hold
 
 
-def bench_cfg(state: Path, base: Path, eval_sets: list[str], replay: dict[str, Any],
-              training: dict[str, Any]) -> config_mod.Config:
-    return config_mod.from_dict({
-        "state_dir": str(state),
-        "base_model": str(base),
-        "serving": {"mode": "none"},
-        "training": {**training, "eval_sets": eval_sets, "eval_match": "contains"},
-        "policy": {
-            "replay": replay,
-            "selection": {"name": "highest_loss", "token_budget": 10_000_000},
-            # The benchmark measures learning, so every stage is promoted; the gate's
-            # verdict is still recorded in each stage's result.
-            "promotion": {"name": "gate", "min_new_improvement": 0.0,
-                          "max_retention_regression": 1.0, "max_general_regression": 1.0,
-                          "max_eval_drop_points": 100.0},
-        },
-    })
+def bench_cfg(
+    state: Path, base: Path, eval_sets: list[str], replay: dict[str, Any], training: dict[str, Any]
+) -> config_mod.Config:
+    return config_mod.from_dict(
+        {
+            "state_dir": str(state),
+            "base_model": str(base),
+            "serving": {"mode": "none"},
+            "training": {**training, "eval_sets": eval_sets, "eval_match": "contains"},
+            "policy": {
+                "replay": replay,
+                "selection": {"name": "highest_loss", "token_budget": 10_000_000},
+                # The benchmark measures learning, so every stage is promoted; the gate's
+                # verdict is still recorded in each stage's result.
+                "promotion": {
+                    "name": "gate",
+                    "min_new_improvement": 0.0,
+                    "max_retention_regression": 1.0,
+                    "max_general_regression": 1.0,
+                    "max_eval_drop_points": 100.0,
+                },
+            },
+        }
+    )
 
 
-def run_sequence(label: str, base: Path, domains: list[dict[str, Any]], work: Path,
-                 replay: dict[str, Any], training: dict[str, Any], tok: Any) -> dict[str, Any]:
+def run_sequence(
+    label: str,
+    base: Path,
+    domains: list[dict[str, Any]],
+    work: Path,
+    replay: dict[str, Any],
+    training: dict[str, Any],
+    tok: Any,
+) -> dict[str, Any]:
     state = work / label
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True)
@@ -160,14 +230,18 @@ def run_sequence(label: str, base: Path, domains: list[dict[str, Any]], work: Pa
         general.append(cand["general_loss"])
         row = [cand[f"eval:d{j + 1}"] / 100.0 for j in range(len(domains))]
         matrix.append(row)
-        tokens += int(m["training"]["tokens_trained"])
+        tokens += int(m["training"].get("data_tokens_trained", m["training"]["tokens_trained"]))
         speeds.append(float(m["training"]["tokens_per_s"]))
-        print(f"  [{label}] stage {i + 1} ({dom['name']}): recall "
-              + " ".join(f"{x:.2f}" for x in row)
-              + f" | new loss {base_m['new_loss']:.3f}->{cand['new_loss']:.3f}"
-              + f" | general {cand['general_loss']:.3f} | {res['status']}"
-              + f" | {m['training']['steps']} steps, {m['training']['tokens_trained']} tok"
-              + f" | {time.time() - t0:.0f}s", flush=True)
+        print(
+            f"  [{label}] stage {i + 1} ({dom['name']}): recall "
+            + " ".join(f"{x:.2f}" for x in row)
+            + f" | new loss {base_m['new_loss']:.3f}->{cand['new_loss']:.3f}"
+            + f" | general {base_m['general_loss']:.3f}->{cand['general_loss']:.3f}"
+            + f" | {res['status']}"
+            + f" | {m['training']['steps']} steps, {m['training']['tokens_trained']} tok"
+            + f" | {time.time() - t0:.0f}s",
+            flush=True,
+        )
     db.conn.close()
     return {"matrix": matrix, "tokens": tokens, "general": general, "speeds": speeds}
 
@@ -181,8 +255,16 @@ def _add_doc(db: Any, tok: Any, train: list[str], hold: list[str], path: str) ->
     chunks = [documents.ChunkIn(t, n(t), "train") for t in train]
     chunks += [documents.ChunkIn(t, n(t), "holdout") for t in hold]
     digest = hashlib.sha256("\x1e".join(train + hold).encode()).hexdigest()
-    documents.insert_document(db, track="default", path=path, content_hash=digest,
-                              size=sum(map(len, train)), mtime=0.0, fmt="txt", chunks=chunks)
+    documents.insert_document(
+        db,
+        track="default",
+        path=path,
+        content_hash=digest,
+        size=sum(map(len, train)),
+        mtime=0.0,
+        fmt="txt",
+        chunks=chunks,
+    )
 
 
 def summarize(res: dict[str, Any]) -> dict[str, float]:
@@ -215,9 +297,19 @@ def speed_evergreen(base: Path, work: Path, docs: list[str], tok: Any, training:
     state = work / "speed"
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True)
-    cfg = bench_cfg(state, base, [], {"name": "uniform", "ratio": 0.0},
-                    {**training, "epochs": 1.0, "eval_every": 0, "early_stopping_patience": 1000,
-                     "checkpoint_every": 0})
+    cfg = bench_cfg(
+        state,
+        base,
+        [],
+        {"name": "uniform", "ratio": 0.0},
+        {
+            **training,
+            "epochs": 1.0,
+            "eval_every": 0,
+            "early_stopping_patience": 1000,
+            "checkpoint_every": 0,
+        },
+    )
     db = open_db(cfg.db_path)
     _add_doc(db, tok, docs, [], "/inbox/speed.txt")
     res = runner.run_stage(cfg, db)
@@ -229,23 +321,52 @@ def speed_hf_trainer(base: Path, work: Path, docs: list[str], training: dict, ba
     """Plain transformers.Trainer + peft, padding each batch to its longest document."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling,
-                              Trainer, TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+    )
 
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(
-        r=training["lora_rank"], lora_alpha=training["lora_alpha"], lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                        "down_proj"], task_type="CAUSAL_LM"))
-    enc = [[tok.bos_token_id, *tok(d, add_special_tokens=False)["input_ids"], tok.eos_token_id]
-           for d in docs]
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=training["lora_rank"],
+            lora_alpha=training["lora_alpha"],
+            lora_dropout=0.0,
+            target_modules=[
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ],
+            task_type="CAUSAL_LM",
+        ),
+    )
+    enc = [
+        [tok.bos_token_id, *tok(d, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+        for d in docs
+    ]
     ds = [{"input_ids": e} for e in enc]
-    args = TrainingArguments(output_dir=str(work / "hf"), per_device_train_batch_size=batch,
-                             num_train_epochs=1, learning_rate=training["learning_rate"],
-                             logging_steps=10_000, save_strategy="no", report_to=[],
-                             disable_tqdm=True, use_cpu=True, dataloader_num_workers=0,
-                             seed=0)
+    args = TrainingArguments(
+        output_dir=str(work / "hf"),
+        per_device_train_batch_size=batch,
+        num_train_epochs=1,
+        learning_rate=training["learning_rate"],
+        logging_steps=10_000,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
     collator = DataCollatorForLanguageModeling(tok, mlm=False)
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator)
     t = time.time()
@@ -260,11 +381,20 @@ def main() -> None:
     ap.add_argument("--domains", type=int, default=4)
     ap.add_argument("--facts", type=int, default=0)
     ap.add_argument("--skip", default="", help="Comma list of runs to skip: noreplay,mf,speed")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="Override a training.* key for this run (recipe tuning).")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Override a training.* key for this run (recipe tuning).",
+    )
     ap.add_argument("--replay-ratio", type=float, default=0.5)
-    ap.add_argument("--seed-steps", type=int, default=400,
-                    help="Pretraining steps of the tiny seed used as the base model.")
+    ap.add_argument(
+        "--seed-steps",
+        type=int,
+        default=400,
+        help="Pretraining steps of the tiny seed used as the base model.",
+    )
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -273,8 +403,9 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="evergreen-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    seed_cfg = config_mod.from_dict({"state_dir": str(work / "seedstate"),
-                                     "seed": {"size": "tiny", "steps": args.seed_steps}})
+    seed_cfg = config_mod.from_dict(
+        {"state_dir": str(work / "seedstate"), "seed": {"size": "tiny", "steps": args.seed_steps}}
+    )
     base = ensure_seed_model(seed_cfg)
     tok = AutoTokenizer.from_pretrained(base)
     n_facts = args.facts or (8 if args.quick else 16)
@@ -291,16 +422,21 @@ def main() -> None:
         training[key] = type(training[key])(json.loads(value))
     replay_ratio = args.replay_ratio
     skip = set(filter(None, args.skip.split(",")))
-    print(f"base {base} | {len(domains)} domains x {n_facts} facts | recipe: "
-          f"rank {training['lora_rank']}, lr {training['learning_rate']}, epochs "
-          f"{training['epochs']}, replay ratio {replay_ratio}", flush=True)
+    print(
+        f"base {base} | {len(domains)} domains x {n_facts} facts | recipe: "
+        f"rank {training['lora_rank']}, lr {training['learning_rate']}, epochs "
+        f"{training['epochs']}, replay ratio {replay_ratio}",
+        flush=True,
+    )
 
-    rep = run_sequence("replay", base, domains, work, {"name": "uniform", "ratio": replay_ratio},
-                       training, tok)
+    rep = run_sequence(
+        "replay", base, domains, work, {"name": "uniform", "ratio": replay_ratio}, training, tok
+    )
     nor = None
     if "noreplay" not in skip:
-        nor = run_sequence("noreplay", base, domains, work, {"name": "uniform", "ratio": 0.0},
-                           training, tok)
+        nor = run_sequence(
+            "noreplay", base, domains, work, {"name": "uniform", "ratio": 0.0}, training, tok
+        )
     mf = None
     from policies import base as pol_base
 
@@ -310,16 +446,26 @@ def main() -> None:
     except Exception:
         has_mf = False
     if has_mf and "mf" not in skip:
-        mf = run_sequence("most_forgotten", base, domains, work,
-                          {"name": "most_forgotten", "ratio": replay_ratio}, training, tok)
+        mf = run_sequence(
+            "most_forgotten",
+            base,
+            domains,
+            work,
+            {"name": "most_forgotten", "ratio": replay_ratio},
+            training,
+            tok,
+        )
     speedup = None
     if "speed" not in skip:
         docs = speed_docs(tok, 120 if args.quick else 240, seed=1)
         ev = speed_evergreen(base, work, docs, tok, training)
         hf = speed_hf_trainer(base, work, docs, training, batch=8)
         speedup = ev / hf
-        print(f"  trainer speed: evergreen {ev:.0f} tok/s, HF Trainer (pad to longest) "
-              f"{hf:.0f} tok/s, speedup {speedup:.2f}", flush=True)
+        print(
+            f"  trainer speed: evergreen {ev:.0f} tok/s, HF Trainer (pad to longest) "
+            f"{hf:.0f} tok/s, speedup {speedup:.2f}",
+            flush=True,
+        )
 
     s_rep = summarize(rep)
     out: dict[str, Any] = {
@@ -330,7 +476,8 @@ def main() -> None:
         "retention_first_noreplay": summarize(nor)["retention_first"] if nor else None,
         "replay_token_overhead": (rep["tokens"] / nor["tokens"]) if nor else None,
         "general_ppl_drift": float(
-            __import__("math").exp(rep["general"][-1] - rep["general"][0]) - 1),
+            __import__("math").exp(rep["general"][-1] - rep["general"][0]) - 1
+        ),
         "trainer_speedup": speedup,
         "retention_first_most_forgotten": summarize(mf)["retention_first"] if mf else None,
         "acquisition_most_forgotten": summarize(mf)["acquisition"] if mf else None,
@@ -339,15 +486,21 @@ def main() -> None:
         "quick": args.quick,
         "elapsed_s": round(time.time() - t_start, 1),
     }
-    targets = {"acquisition": (">=", 0.9), "retention_first": (">=", 0.9),
-               "replay_token_overhead": ("<=", 1.5), "general_ppl_drift": ("<=", 0.05),
-               "trainer_speedup": (">=", 1.5)}
+    targets = {
+        "acquisition": (">=", 0.9),
+        "retention_first": (">=", 0.9),
+        "replay_token_overhead": ("<=", 1.5),
+        "general_ppl_drift": ("<=", 0.05),
+        "trainer_speedup": (">=", 1.5),
+    }
     print("\nsummary:")
     for key, (op, goal) in targets.items():
         v = out[key]
         ok = v is not None and (v >= goal if op == ">=" else v <= goal)
-        print(f"  {key:24s} {v if v is None else round(v, 3)!s:>8}  target {op} {goal}"
-              f"  {'OK' if ok else 'MISS'}")
+        print(
+            f"  {key:24s} {v if v is None else round(v, 3)!s:>8}  target {op} {goal}"
+            f"  {'OK' if ok else 'MISS'}"
+        )
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(out))

@@ -154,6 +154,14 @@ class TrainingConfig:
     eval_sets: list = opt([], "User eval sets: JSONL files of {prompt, answer}.")
     eval_match: str = opt("contains", "How eval answers are scored: 'exact' or 'contains'.")
     general_eval: str = opt("", "General anchor text file (default: seed corpus holdout).")
+    general_mix: float = opt(
+        0.0,
+        "General-text tokens mixed into each stage per new token, to anchor the base "
+        "distribution (0 = off).",
+    )
+    general_replay: str = opt(
+        "", "General text to mix in (default: the seed model's general_train.txt)."
+    )
     replay_buffer_size: int = opt(20_000, "Reservoir capacity in chunks.")
     stage_timeout_s: float = opt(3600.0, "A stage running longer than this is stopped and failed.")
 
@@ -168,6 +176,7 @@ class TrainingConfig:
         _check_range("grad_accum", self.grad_accum, 1, 1024)
         _check_range("max_seq_len", self.max_seq_len, 16, 1_000_000)
         _check_choice("eval_match", self.eval_match, ("exact", "contains"))
+        _check_range("general_mix", self.general_mix, 0, 100)
 
 
 @dataclass

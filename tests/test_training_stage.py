@@ -22,18 +22,34 @@ pytestmark = pytest.mark.slow
 
 FACTS_A = [f"The glorp number {i} lives in Vantor{i} and eats red pebbles." for i in range(8)]
 FACTS_B = [f"Quimbo river {i} flows into the Sea of Darl{i} every spring." for i in range(8)]
-PERMISSIVE_GATE = {"name": "gate", "min_new_improvement": 0.0, "max_retention_regression": 1.0,
-                   "max_general_regression": 1.0, "max_eval_drop_points": 100.0}
+PERMISSIVE_GATE = {
+    "name": "gate",
+    "min_new_improvement": 0.0,
+    "max_retention_regression": 1.0,
+    "max_general_regression": 1.0,
+    "max_eval_drop_points": 100.0,
+}
 
 
 def _cfg(tmp_path: Path, base: Path, **training: object):
     state = tmp_path / "state"
     state.mkdir(exist_ok=True)
-    t = {"epochs": 6.0, "learning_rate": 0.005, "max_seq_len": 128, "batch_tokens": 256,
-         "eval_every": 0, "checkpoint_every": 0, **training}
-    return make_tiny_cfg(state, base, training=t, serving={"mode": "none"},
-                         policy={"promotion": PERMISSIVE_GATE,
-                                 "replay": {"name": "uniform", "ratio": 0.5}})
+    t = {
+        "epochs": 6.0,
+        "learning_rate": 0.005,
+        "max_seq_len": 128,
+        "batch_tokens": 256,
+        "eval_every": 0,
+        "checkpoint_every": 0,
+        **training,
+    }
+    return make_tiny_cfg(
+        state,
+        base,
+        training=t,
+        serving={"mode": "none"},
+        policy={"promotion": PERMISSIVE_GATE, "replay": {"name": "uniform", "ratio": 0.5}},
+    )
 
 
 def test_stage_learns_promotes_and_replays(tmp_path: Path, tiny_seed_model: Path) -> None:
@@ -41,8 +57,9 @@ def test_stage_learns_promotes_and_replays(tmp_path: Path, tiny_seed_model: Path
     from transformers import AutoModelForCausalLM
 
     evals = tmp_path / "facts.jsonl"
-    evals.write_text(json.dumps({"prompt": "The glorp number 1 lives in", "answer": "Vantor1"})
-                     + "\nnot json\n")
+    evals.write_text(
+        json.dumps({"prompt": "The glorp number 1 lives in", "answer": "Vantor1"}) + "\nnot json\n"
+    )
     cfg = _cfg(tmp_path, tiny_seed_model, eval_sets=[str(evals)])
     db = open_db(cfg.db_path)
     add_doc(db, FACTS_A[:6], holdout=FACTS_A[6:])
@@ -125,12 +142,20 @@ def test_kill9_mid_stage_then_resume(tmp_path: Path, tiny_seed_model: Path) -> N
     sid = plan_mod.write_plan(cfg, db)
     assert sid is not None
     stage_dir = cfg.stages_dir / str(sid)
-    proc = subprocess.Popen(runner.stage_command(cfg, sid), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=runner._env(),
-                            cwd=str(runner.PROJECT_ROOT))
+    proc = subprocess.Popen(
+        runner.stage_command(cfg, sid),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=runner._env(),
+        cwd=str(runner.PROJECT_ROOT),
+    )
     try:
-        _wait_for(lambda: (stage_dir / "checkpoint" / "state.pt").is_file()
-                  and (stages.get(db, sid)["progress"].get("step") or 0) >= 4)
+        _wait_for(
+            lambda: (
+                (stage_dir / "checkpoint" / "state.pt").is_file()
+                and (stages.get(db, sid)["progress"].get("step") or 0) >= 4
+            )
+        )
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -143,8 +168,9 @@ def test_kill9_mid_stage_then_resume(tmp_path: Path, tiny_seed_model: Path) -> N
     assert res["status"] == "promoted", res
     assert res["metrics"]["training"]["resumed_from_step"] >= 3
     assert res["metrics"]["training"]["steps"] == res["metrics"]["training"]["total_steps"]
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_seed_model),
-                              cfg.adapters_dir / "v0001")
+    PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_seed_model), cfg.adapters_dir / "v0001"
+    )
     db.conn.close()
 
 
@@ -173,7 +199,9 @@ def test_stop_event_checkpoints_and_daemon_startup_resumes(
     db.conn.close()
 
 
-def test_resume_fails_cleanly_when_base_model_is_gone(tmp_path: Path, tiny_seed_model: Path) -> None:
+def test_resume_fails_cleanly_when_base_model_is_gone(
+    tmp_path: Path, tiny_seed_model: Path
+) -> None:
     import shutil
 
     base = tmp_path / "base-copy"
@@ -187,4 +215,18 @@ def test_resume_fails_cleanly_when_base_model_is_gone(tmp_path: Path, tiny_seed_
     (out,) = runner.resume_or_fail_running(cfg, db)
     assert out["status"] == "failed"
     assert "gone" in stages.get(db, sid)["reason"]
+    db.conn.close()
+
+
+def test_scorer_writes_chunk_losses_under_base_model(tmp_path: Path, tiny_seed_model: Path) -> None:
+    cfg = _cfg(tmp_path, tiny_seed_model)
+    db = open_db(cfg.db_path)
+    add_doc(db, FACTS_A[:3])
+    add_doc(db, ["zq xv kw pj " * 5])
+    ids = [int(c["id"]) for c in documents.pending_chunks(db, "default")]
+    assert runner.score_chunks(cfg, None) == 0
+    got = documents.scores(db, None, ids)
+    assert set(got) == set(ids)
+    assert all(0.0 < v < 20.0 for v in got.values())
+    assert got[ids[-1]] > min(got[i] for i in ids[:3])  # gibberish is more surprising
     db.conn.close()

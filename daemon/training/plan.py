@@ -57,6 +57,13 @@ def general_eval_path(cfg: Config) -> str:
     return str(cand) if cand.is_file() else ""
 
 
+def general_replay_path(cfg: Config) -> str:
+    if cfg.training.general_replay:
+        return str(Path(cfg.training.general_replay).expanduser().absolute())
+    cand = cfg.resolved_base_model() / "general_train.txt"
+    return str(cand) if cand.is_file() else ""
+
+
 def retention_ids(db: sqlite_utils.Database, track: str, exclude: set[int], seed: int) -> list[int]:
     rows = [int(r["id"]) for r in documents.learned_holdout(db, track)]
     rows = [r for r in rows if r not in exclude]
@@ -118,6 +125,8 @@ def build_plan(cfg: Config, db: sqlite_utils.Database, selection: dict[str, Any]
         "output_dir": str(cfg.adapters_dir / version),
         "hparams": hp,
         "general_eval": general_eval_path(cfg),
+        "general_replay": general_replay_path(cfg) if cfg.training.general_mix > 0 else "",
+        "general_mix": cfg.training.general_mix,
         "eval_sets": [str(Path(p).expanduser().absolute()) for p in cfg.training.eval_sets],
         "eval_match": cfg.training.eval_match,
         "score_chunk_ids": score_ids(db, cfg.track, set(new_ids) | set(replay_ids)),

@@ -229,6 +229,45 @@ def _gate(
     return _result(stages.get(db, stage_id) or row, stages.PROMOTED, summary, gate=decision)
 
 
+def score_chunks(
+    cfg: Config,
+    version: str | None,
+    chunk_ids: list[int] | None = None,
+    *,
+    timeout_s: float = 1800.0,
+) -> int:
+    """Run the scorer subprocess: chunk losses under ``version`` (None = base) into
+    ``chunk_scores`` (default chunks: pending train chunks + replay buffer). Returns its
+    exit code."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "daemon.training.score",
+        "--db",
+        str(cfg.db_path),
+        "--base-model",
+        str(cfg.resolved_base_model()),
+        "--version",
+        version or "",
+        "--track",
+        cfg.track,
+        "--max-seq-len",
+        str(cfg.training.max_seq_len),
+    ]
+    if chunk_ids:
+        cmd += ["--chunks", ",".join(map(str, chunk_ids))]
+    proc = subprocess.run(
+        cmd,
+        env=_env(),
+        cwd=str(PROJECT_ROOT),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    return proc.returncode
+
+
 def _pid_is_stage(pid: int | None) -> bool:
     if not pid:
         return False

@@ -25,6 +25,8 @@ from daemon.training import corpus, fsutil
 
 MANIFEST = "seed_manifest.json"
 GENERAL_HOLDOUT = "general_holdout.txt"
+GENERAL_TRAIN = "general_train.txt"  # a slice of the training corpus, for general mixing
+GENERAL_TRAIN_CHARS = 400_000
 HOLDOUT_SEPARATOR = "\n\n"  # holdout texts are written one paragraph block each
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -326,6 +328,7 @@ def build_seed_model(
         steps_done, losses = _pretrain(model, data, spec, deadline=t0 + time_budget_s, bar=bar)
     model.eval()
     hf_tok = data.hf_tokenizer
+    held = set(data.hold_texts)
     hold_loss = _holdout_loss(model, data, spec.seq_len, dev.device)
     model.save_pretrained(out, safe_serialization=True)
     hf_tok.save_pretrained(out)
@@ -335,6 +338,16 @@ def build_seed_model(
         pad_token_id=hf_tok.pad_token_id,
         do_sample=False,
     ).save_pretrained(out)
+    train_slice: list[str] = []
+    size_chars = 0
+    for t in data.texts:
+        if t in held:
+            continue
+        train_slice.append(t)
+        size_chars += len(t)
+        if size_chars >= GENERAL_TRAIN_CHARS:
+            break
+    (out / GENERAL_TRAIN).write_text(HOLDOUT_SEPARATOR.join(train_slice) + "\n", encoding="utf-8")
     (out / GENERAL_HOLDOUT).write_text(
         HOLDOUT_SEPARATOR.join(data.hold_texts) + "\n", encoding="utf-8"
     )

@@ -159,13 +159,20 @@ class Stage:
         self.replay = examples(p.get("replay_chunk_ids", []), "replay")
         if not self.new:
             raise StageFailed("the plan's new chunks produced no trainable tokens")
+        self.general_ids = self._general_ids()
         self.holdout = examples(p.get("holdout_chunk_ids", []), "eval")
         self.retention = examples(p.get("retention_chunk_ids", []), "eval") + [
             Example(e.ids, e.labels, e.chunk_id, "eval") for e in self.replay
         ]
         rows = data_mod.pack(self.new + self.replay, max_len)
         self.batches = data_mod.micro_batches(rows, self.hp.batch_tokens)
-        n_tok = {"new": sum(map(len, self.new)), "replay": sum(map(len, self.replay))}
+        n_tok = {
+            "new": sum(map(len, self.new)),
+            "replay": sum(map(len, self.replay)),
+            "general": int(float(self.plan.get("general_mix", 0)) * sum(map(len, self.new)))
+            if self.general_ids
+            else 0,
+        }
         filler = sum(
             len(b) * max(r.length for r in b) - sum(r.length for r in b) for b in self.batches
         )
@@ -174,7 +181,8 @@ class Stage:
             "replay_tokens": n_tok["replay"],
             "rows": len(rows),
             "micro_batches": len(self.batches),
-            "pad_fraction": filler / max(1, filler + n_tok["new"] + n_tok["replay"]),
+            "general_tokens_per_epoch": n_tok["general"],
+            "pad_fraction": filler / max(1, filler + sum(n_tok.values())),
         }
         fsutil.write_json(
             self.stage_dir / "data.json",
@@ -184,6 +192,32 @@ class Stage:
                 "rows_sources": [[e.source for e in r.examples] for r in rows],
             },
         )
+
+    def _general_ids(self) -> list[int]:
+        """Token stream of the general text mixed into training (empty when off)."""
+        path = self.plan.get("general_replay") or ""
+        if float(self.plan.get("general_mix", 0)) <= 0 or not path or not Path(path).is_file():
+            return []
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def _general_rows(self, rows: list[data_mod.Row], micro: int) -> list[data_mod.Row]:
+        """Fresh general-text rows for one micro-batch: ``general_mix ×`` its new tokens,
+        cut at the batch's longest row (no extra padding), at a position that is a pure
+        function of (stage, micro-batch) so a resumed stage sees the same text."""
+        ids = self.general_ids
+        if not ids:
+            return []
+        mix = float(self.plan.get("general_mix", 0))
+        new_tok = sum(len(e) for r in rows for e in r.examples if e.source == "new")
+        width = max(2, min(max(r.length for r in rows), len(ids)))
+        n_rows = math.ceil(mix * new_tok / width)
+        out = []
+        for k in range(n_rows):
+            start = ((micro * 31 + k) * 7919 + self.stage_id * 104729) % max(1, len(ids) - width)
+            piece = ids[start : start + width]
+            out.append(data_mod.Row([Example(piece, list(piece), -1, "general")]))
+        return out
 
     # ------------------------------------------------------------------ train
     def total_steps(self) -> int:
@@ -253,6 +287,7 @@ class Stage:
                 loss.backward()
                 loss_sum += float(loss.detach())
                 st["tokens"] += c.col.n_tokens
+                st["data_tokens"] = st.get("data_tokens", 0) + c.data_tokens
             grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
             if not torch.isfinite(grad_norm):
                 raise StageFailed(f"non-finite gradient norm at step {step + 1}")
@@ -293,14 +328,17 @@ class Stage:
             "stopped_early": st["stopped_early"],
             "resumed_from_step": st["resumed_from"],
             "tokens_trained": st["tokens"],
+            "data_tokens_trained": st.get("data_tokens", st["tokens"]),
             "tokens_per_s": (st["tokens"] - tok0) / elapsed,
         }
 
     def _batch_at(self, micro: int, per_epoch: int) -> _Prepared:
         epoch, idx = divmod(micro, per_epoch)
         order = data_mod.epoch_order(per_epoch, epoch, self.hp.seed)
-        col = data_mod.collate(self.batches[order[idx]], self.pad_id)
-        return _Prepared(col, sum(x != data_mod.IGNORE for r in col.labels for x in r))
+        rows = self.batches[order[idx]]
+        col = data_mod.collate(rows + self._general_rows(rows, micro), self.pad_id)
+        labels = sum(x != data_mod.IGNORE for r in col.labels for x in r)
+        return _Prepared(col, labels, sum(r.length for r in rows))
 
     def _loss(self, c: _Prepared) -> Any:
         import torch.nn.functional as F
@@ -395,9 +433,13 @@ class Stage:
             for e in self._safe_encode(chunk)
         ]
         if extra:
-            _, more, _ = ev.example_losses(self.model, extra, max_len=max_len,
-                                           batch_tokens=self.hp.batch_tokens,
-                                           device=self.dev.device)
+            _, more, _ = ev.example_losses(
+                self.model,
+                extra,
+                max_len=max_len,
+                batch_tokens=self.hp.batch_tokens,
+                device=self.dev.device,
+            )
             per_chunk.update(more)
         self.chunk_losses = per_chunk
         return metrics
@@ -460,6 +502,7 @@ class Stage:
 class _Prepared:
     col: data_mod.Collated
     labels_count: int
+    data_tokens: int  # new + replay tokens (general-mix rows excluded)
 
 
 def run(db: Any, stage_id: int) -> int:
