@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -31,6 +32,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -120,6 +122,24 @@ class Load:
         for t in threads:
             t.start()
         return threads
+
+
+def run_load(url: str, key: str, model: str, stop: Any, out: Any) -> None:
+    """Child-process body: stream until ``stop`` is set, then report the counts.
+
+    The clients run in their own process, as real clients do: in the daemon's process their
+    JSON parsing would compete with the swapper for the GIL and inflate swap times.
+    """
+    load = Load(url, key, model)
+    threads = load.run()
+    while load.total == 0 and not stop.is_set():
+        time.sleep(0.05)
+    out.put("flowing")
+    stop.wait()
+    load.stop.set()
+    for t in threads:
+        t.join()
+    out.put((load.total, load.failed, dict(load.errors), dict(load.served_by)))
 
 
 def seconds_per_token(http: httpx.Client, model: str) -> float:
@@ -219,9 +239,12 @@ def main() -> int:
         else:
             resolver_swap(cfg, server, versions[0])
         stable = cfg.serving.model_name
-        load = Load(server.url, server.api_key, stable)
-        threads = load.run()
-        time.sleep(3)  # clients in full flow before the first swap
+        ctx = multiprocessing.get_context("spawn")
+        stop, out = ctx.Event(), ctx.Queue()
+        clients = ctx.Process(target=run_load, args=(server.url, server.api_key, stable, stop, out))
+        clients.start()
+        out.get(timeout=120)  # requests are flowing
+        time.sleep(1)
         durations: list[float] = []
         for version in versions:
             steps: dict[str, float] = {}
@@ -234,9 +257,9 @@ def main() -> int:
             print(f"  swap -> {version}: {seconds:.3f}s {steps}", flush=True)
             time.sleep(1.0)
         time.sleep(2)
-        load.stop.set()
-        for t in threads:
-            t.join()
+        stop.set()
+        total, failed, errors_by_kind, served = out.get(timeout=300)
+        clients.join()
         fresh = f"bench-fresh-{versions[-1]}"
         server.endpoint.load_lora(fresh, cfg.adapters_dir.resolve() / versions[-1])
         stable_spt, fresh_spt = decode_ratio(server.url, server.api_key, stable, fresh)
@@ -247,10 +270,10 @@ def main() -> int:
     ratio = stable_spt / fresh_spt
     p50, p99 = percentile(durations, 50), percentile(durations, 99)
     print()
-    print(f"requests: {load.total} streamed by {CLIENTS} clients, {load.failed} failed")
-    for error, n in load.errors.most_common(5):
+    print(f"requests: {total} streamed by {CLIENTS} clients, {failed} failed")
+    for error, n in Counter(errors_by_kind).most_common(5):
         print(f"  {n} x {error}")
-    print(f"served by: {dict(sorted(load.served_by.items()))}")
+    print(f"served by: {dict(sorted(served.items()))}")
     print(f"swaps: {SWAPS}, p50 {p50:.3f}s, p99 {p99:.3f}s, max {max(durations):.3f}s")
     print(
         f"decode after swaps: stable {stable_spt * 1000:.2f} ms/token, fresh "
@@ -259,14 +282,14 @@ def main() -> int:
     print(
         json.dumps(
             {
-                "requests_total": load.total,
-                "requests_failed": load.failed,
+                "requests_total": total,
+                "requests_failed": failed,
                 "swap_seconds_p50": round(p50, 4),
                 "swap_seconds_p99": round(p99, 4),
                 "post_swap_decode_ratio": round(ratio, 4),
                 "swaps": SWAPS,
                 "clients": CLIENTS,
-                "versions_served": len(load.served_by),
+                "versions_served": len(served),
                 "stable_ms_per_token": round(stable_spt * 1000, 3),
                 "fresh_ms_per_token": round(fresh_spt * 1000, 3),
                 "mechanism": args.mechanism,
