@@ -114,6 +114,18 @@ DOMAINS: list[tuple[str, list[str]]] = [
 ]
 
 
+# The recipe this benchmark runs (on top of TrainingConfig defaults); tuned on the tiny
+# seed under a shared 2-core CPU (see the report in the issue for what it reaches).
+BENCH_RECIPE: dict[str, Any] = {
+    "epochs": 50.0,
+    "learning_rate": 0.008,
+    "batch_tokens": 512,
+    "max_seq_len": 256,
+    "eval_every": 0,
+    "general_mix": 0.5,
+}
+
+
 def _name(rng: random.Random, parts: int) -> str:
     return "".join(rng.choice(SYL) for _ in range(parts)).capitalize()
 
@@ -195,6 +207,7 @@ def bench_cfg(
 
 def run_sequence(
     label: str,
+    *,
     base: Path,
     domains: list[dict[str, Any]],
     work: Path,
@@ -308,6 +321,10 @@ def speed_evergreen(base: Path, work: Path, docs: list[str], tok: Any, training:
             "eval_every": 0,
             "early_stopping_patience": 1000,
             "checkpoint_every": 0,
+            # the trainer's own defaults for packing; no general mixing (same documents)
+            "general_mix": 0.0,
+            "batch_tokens": 4096,
+            "max_seq_len": 512,
         },
     )
     db = open_db(cfg.db_path)
@@ -330,7 +347,7 @@ def speed_hf_trainer(base: Path, work: Path, docs: list[str], training: dict, ba
     )
 
     tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model = get_peft_model(
         model,
         LoraConfig(
@@ -408,13 +425,14 @@ def main() -> None:
     )
     base = ensure_seed_model(seed_cfg)
     tok = AutoTokenizer.from_pretrained(base)
-    n_facts = args.facts or (8 if args.quick else 16)
+    n_facts = args.facts or (6 if args.quick else 8)
     domains = make_domains(args.domains, n_facts, seed=0)
     import dataclasses
 
     training = dataclasses.asdict(TrainingConfig())
     for key in ("eval_sets", "eval_match", "general_eval", "base_adapter"):
         training.pop(key)
+    training.update(BENCH_RECIPE)
     if args.quick:
         training["epochs"] = max(4.0, training["epochs"] / 2)
     for item in args.set:
@@ -429,14 +447,17 @@ def main() -> None:
         flush=True,
     )
 
-    rep = run_sequence(
-        "replay", base, domains, work, {"name": "uniform", "ratio": replay_ratio}, training, tok
-    )
+    common: dict[str, Any] = {
+        "base": base,
+        "domains": domains,
+        "work": work,
+        "training": training,
+        "tok": tok,
+    }
+    rep = run_sequence("replay", replay={"name": "uniform", "ratio": replay_ratio}, **common)
     nor = None
     if "noreplay" not in skip:
-        nor = run_sequence(
-            "noreplay", base, domains, work, {"name": "uniform", "ratio": 0.0}, training, tok
-        )
+        nor = run_sequence("noreplay", replay={"name": "uniform", "ratio": 0.0}, **common)
     mf = None
     from policies import base as pol_base
 
@@ -447,17 +468,11 @@ def main() -> None:
         has_mf = False
     if has_mf and "mf" not in skip:
         mf = run_sequence(
-            "most_forgotten",
-            base,
-            domains,
-            work,
-            {"name": "most_forgotten", "ratio": replay_ratio},
-            training,
-            tok,
+            "most_forgotten", replay={"name": "most_forgotten", "ratio": replay_ratio}, **common
         )
     speedup = None
     if "speed" not in skip:
-        docs = speed_docs(tok, 120 if args.quick else 240, seed=1)
+        docs = speed_docs(tok, 60 if args.quick else 120, seed=1)
         ev = speed_evergreen(base, work, docs, tok, training)
         hf = speed_hf_trainer(base, work, docs, training, batch=8)
         speedup = ev / hf

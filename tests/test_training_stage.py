@@ -230,3 +230,18 @@ def test_scorer_writes_chunk_losses_under_base_model(tmp_path: Path, tiny_seed_m
     assert all(0.0 < v < 20.0 for v in got.values())
     assert got[ids[-1]] > min(got[i] for i in ids[:3])  # gibberish is more surprising
     db.conn.close()
+
+
+def test_general_mix_adds_general_text_rows(tmp_path: Path, tiny_seed_model: Path) -> None:
+    assert (tiny_seed_model / "general_train.txt").is_file()
+    cfg = _cfg(tmp_path, tiny_seed_model, general_mix=1.0, epochs=2.0)
+    db = open_db(cfg.db_path)
+    add_doc(db, FACTS_A)
+    res = runner.run_stage(cfg, db)
+    assert res["status"] in ("promoted", "rejected"), res
+    plan = stages.get(db, res["stage_id"])["plan"]
+    assert plan["general_replay"].endswith("general_train.txt") and plan["general_mix"] == 1.0
+    t = res["metrics"]["training"]
+    # general rows are trained on top of the stage's own data, about 1:1
+    assert t["tokens_trained"] > 1.5 * t["data_tokens_trained"]
+    db.conn.close()
