@@ -71,7 +71,7 @@ SPECS: dict[str, SeedSpec] = {
         intermediate_size=1024,
         seq_len=256,
         batch_size=8,
-        steps=300,
+        steps=120,
         learning_rate=2e-3,
         max_corpus_chars=0,
     ),
