@@ -137,6 +137,37 @@ def test_cli_promote_and_rollback_swap_the_running_server(
     assert current(serving_cfg) == "v0002"
 
 
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"alias": "a/b", "target": "evergreen-v0001"}, 400, "without '/'"),
+        ({"alias": "evergreen"}, 400, "target"),
+        ({"alias": "evergreen", "target": "nope"}, 404, "not loaded"),
+        ([1, 2], 400, "object"),
+        ("base", 400, "alias"),  # the base model name (a path) can never be an alias
+    ],
+)
+def test_alias_route_rejects_bad_requests(
+    serving_cfg: Config, vllm_server: ManagedVLLM, body: object, status: int, message: str
+) -> None:
+    if body == "base":
+        body = {"alias": str(serving_cfg.resolved_base_model()), "target": "evergreen-v0001"}
+    before = vllm_server.endpoint.aliases()["evergreen"]
+    headers = {"Authorization": f"Bearer {vllm_server.api_key}"}
+    resp = httpx.post(f"{vllm_server.url}/v1/evergreen/alias", json=body, headers=headers)
+    assert resp.status_code == status
+    assert message in resp.text
+    assert vllm_server.endpoint.aliases()["evergreen"] == before
+
+
+def test_plugin_routes_need_the_api_key(vllm_server: ManagedVLLM) -> None:
+    body = {"alias": "evergreen", "target": "evergreen-v0001"}
+    assert httpx.post(f"{vllm_server.url}/v1/evergreen/alias", json=body).status_code == 401
+    assert httpx.get(f"{vllm_server.url}/v1/evergreen/aliases").status_code == 401
+    wrong = {"Authorization": "Bearer wrong"}
+    assert httpx.get(f"{vllm_server.url}/v1/models", headers=wrong).status_code == 401
+
+
 def _truncate(cfg: Config, version: str) -> None:
     weights = cfg.adapters_dir / version / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
