@@ -23,15 +23,12 @@ from rich.table import Table
 from daemon import __version__, logs
 from daemon import config as config_mod
 from daemon.config import Config, ConfigError
+from daemon.errors import EvergreenError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
-
-
-class EvergreenError(Exception):
-    """An expected failure: printed as one line, exit code 1, no traceback."""
 
 
 def _load_config(ctx: click.Context) -> Config:
@@ -50,7 +47,7 @@ def friendly_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, EvergreenError, FileNotFoundError, PermissionError) as exc:
+        except (EvergreenError, FileNotFoundError, PermissionError) as exc:
             ctx = click.get_current_context(silent=True)
             if ctx is not None and ctx.find_root().obj and ctx.find_root().obj.get("debug"):
                 raise

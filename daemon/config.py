@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon.errors import EvergreenError
+
 CONFIG_ENV = "EVERGREEN_CONFIG"
 STATE_DIR_ENV = "EVERGREEN_STATE_DIR"
 
 
-class ConfigError(ValueError):
+class ConfigError(EvergreenError, ValueError):
     """A config problem; the message always starts with the key path."""
 
     def __init__(self, path: str, problem: str) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 from daemon import config as config_mod
 from daemon import logs
 from daemon.config import Config
+from daemon.errors import EvergreenError
 from daemon.metrics import Metrics, endpoint_label, serve_http
 from daemon.notify import Notifier
 from store import adapters, documents
@@ -44,7 +45,7 @@ HEALTHY_LOOP_AGE_S = 30.0  # /healthz fails when the main loop has not run for t
 SUPERVISE_INTERVAL_S = 3.0  # one vLLM /health probe per interval (restart with backoff)
 
 
-class ServiceError(RuntimeError):
+class ServiceError(EvergreenError, RuntimeError):
     """Start-up failed in a way the user must fix (bad base model, vLLM never healthy)."""
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import Config
+from daemon.errors import EvergreenError
 
 BASE_VERSION = "base"
 ZERO_DIR = "zero-adapter"
@@ -27,7 +28,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 
 
-class AdapterRejected(ValueError):
+class AdapterRejected(EvergreenError, ValueError):
     """An adapter dir that must not be served; the message says why."""
 
 

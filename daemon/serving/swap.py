@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 import sqlite_utils
 
 from daemon.config import Config
+from daemon.errors import EvergreenError
 from daemon.serving.adapters import (
     BASE_VERSION,
     AdapterRejected,
@@ -66,7 +67,7 @@ def _lap(timings: dict[str, float], step: str, mark: float) -> float:
     return now
 
 
-class SwapError(RuntimeError):
+class SwapError(EvergreenError, RuntimeError):
     """A swap that did not happen; the endpoints still serve what they served before."""
 
 

@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from daemon.config import Config
+from daemon.errors import EvergreenError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ UNHEALTHY_RESTART_S = 60.0  # alive but failing /health this long after being up
 SUPERVISE_INTERVAL_S = 1.0
 
 
-class VLLMError(RuntimeError):
+class VLLMError(EvergreenError, RuntimeError):
     """A vLLM endpoint misbehaved or refused a request; the message says which and why."""
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import sqlite_utils
 
 from daemon.config import Config
+from daemon.errors import EvergreenError
 from store import adapters, documents, stages
 
 MAX_RETENTION_CHUNKS = 128
@@ -25,7 +26,7 @@ MAX_SCORE_CHUNKS = 2000  # replay buffer + pending chunks scored under the candi
 GENERAL_HOLDOUT = "general_holdout.txt"  # written by daemon.training.seed
 
 
-class PlanError(RuntimeError):
+class PlanError(EvergreenError, RuntimeError):
     """The stage cannot be planned (the message says why)."""
 
 
