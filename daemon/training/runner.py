@@ -193,7 +193,6 @@ def _gate(
     decision = engine.gate(cfg, metrics.get("candidate", {}), metrics.get("baseline", {}))
     reasons = decision.get("reasons") or []
     summary = str(decision.get("summary") or "; ".join(map(str, reasons)))
-    plan = row["plan"]
     if not decision.get("fire"):
         with transaction(db):
             adapters.set_status(db, version, adapters.REJECTED)
@@ -202,6 +201,25 @@ def _gate(
             engine.after_reject(cfg, db, stage_id)
         return _result(stages.get(db, stage_id) or row, stages.REJECTED, summary, gate=decision)
     reason = f"stage {stage_id} passed the gate: {summary}"
+    return promote_stage(cfg, db, stage_id, reason, swap=swap, summary=summary, gate=decision)
+
+
+def promote_stage(
+    cfg: Config,
+    db: sqlite_utils.Database,
+    stage_id: int,
+    reason: str,
+    *,
+    swap: SwapFn | None = None,
+    summary: str = "",
+    gate: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Make a stage's candidate current: swap (if given), move the pointer, mark the new
+    chunks trained with their learned loss and offer them to the reservoir buffer."""
+    row = stages.get(db, stage_id)
+    if row is None or not row.get("candidate_version"):
+        raise ValueError(f"stage {stage_id} has no candidate adapter")
+    version = row["candidate_version"]
     if swap is not None:
         try:
             swap(version, reason)  # swaps serving, then moves the pointer
@@ -210,8 +228,8 @@ def _gate(
             with transaction(db):
                 adapters.set_status(db, version, adapters.REJECTED)
                 stages.set_status(db, stage_id, stages.FAILED, reason=why)
-            return _result(stages.get(db, stage_id) or row, stages.FAILED, why, gate=decision)
-    new_ids = [int(i) for i in plan.get("new_chunk_ids", [])]
+            return _result(stages.get(db, stage_id) or row, stages.FAILED, why, gate=gate)
+    new_ids = [int(i) for i in row["plan"].get("new_chunk_ids", [])]
     learned = documents.scores(db, version, new_ids)
     with transaction(db):
         if swap is None or adapters.current(db, cfg.track) != version:
@@ -225,8 +243,8 @@ def _gate(
             stage_id=stage_id,
             rng=random.Random(cfg.training.seed + stage_id),
         )
-        stages.set_status(db, stage_id, stages.PROMOTED, reason=summary)
-    return _result(stages.get(db, stage_id) or row, stages.PROMOTED, summary, gate=decision)
+        stages.set_status(db, stage_id, stages.PROMOTED, reason=summary or reason)
+    return _result(stages.get(db, stage_id) or row, stages.PROMOTED, summary or reason, gate=gate)
 
 
 def score_chunks(
