@@ -427,7 +427,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     seed_cfg = config_mod.from_dict(
-        {"state_dir": str(work / "seedstate"), "seed": {"size": "tiny", "steps": args.seed_steps}}
+        {
+            "state_dir": str(work / "seedstate"),
+            "seed": {"size": "tiny", "steps": args.seed_steps, "time_budget_s": 3600.0},
+        }
     )
     base = ensure_seed_model(seed_cfg)
     tok = AutoTokenizer.from_pretrained(base)
