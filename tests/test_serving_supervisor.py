@@ -118,3 +118,48 @@ def test_missing_model_is_a_clear_error(state_dir: Path) -> None:
     cfg = make_tiny_cfg(state_dir, state_dir / "nope", serving={"port": free_port()})
     with pytest.raises(vllm_mod.VLLMError, match="no model"):
         ManagedVLLM(cfg).start()
+
+
+def test_vllm_left_by_a_killed_daemon_is_replaced(fake_cfg: Config, tmp_path: Path) -> None:
+    """kill -9 of the daemon orphans its vLLM; the next daemon's start() ends that group."""
+    pid_file = tmp_path / "engine.pid"
+    first = FakeVLLM(fake_cfg)
+    first.script, first.extra = FORKING_SERVER, (str(pid_file), "vllm-stand-in")
+    first.start()
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert first.proc is not None
+    orphan_api, orphan_engine = first.proc.pid, int(pid_file.read_text())
+    first.proc = None  # the daemon that owned it is gone; nothing of it is reused
+
+    second = FakeVLLM(fake_cfg)
+    second.script, second.extra = "import time; time.sleep(300)", ("vllm-stand-in",)
+    try:
+        second.start()
+        assert not _alive(orphan_api)
+        assert not _alive(orphan_engine)
+        assert second.proc is not None and _alive(second.proc.pid)
+    finally:
+        second.stop(grace=2)
+    assert not (fake_cfg.state_path / "vllm.pgid").exists()
+
+
+def test_unrelated_process_group_is_left_alone(fake_cfg: Config) -> None:
+    """A stale pgid file pointing at something that is not vLLM kills nothing."""
+    import subprocess
+
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
+    )
+    try:
+        (fake_cfg.state_path / "vllm.pgid").write_text(f"{other.pid}\n")
+        server = FakeVLLM(fake_cfg)
+        server.script = "import time; time.sleep(300)"
+        server.start()
+        server.stop(grace=2)
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()

@@ -33,6 +33,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import psutil
 
 from daemon.config import Config
 from daemon.errors import EvergreenError
@@ -60,6 +61,19 @@ class InsecureEndpointError(VLLMError):
 
 class PluginMissingError(VLLMError):
     """The endpoint does not run the evergreen vLLM plugin (needed for atomic swaps)."""
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def is_loopback(host: str) -> bool:
@@ -304,6 +318,7 @@ class ManagedVLLM:
             if self.proc is not None and self.proc.poll() is None:
                 return
             self._kill_group()  # leftovers of a crashed run (its engine process) go first
+            self._kill_stale_group()  # ... or of a previous daemon killed with SIGKILL
             sc = self.cfg.serving
             if _port_in_use(sc.host, sc.port):
                 raise VLLMError(
@@ -326,9 +341,36 @@ class ManagedVLLM:
                     start_new_session=True,  # own process group: stop() kills the engine too
                     cwd=str(self.cfg.state_path),
                 )
+            _write_atomic(self.pgid_path, f"{self.proc.pid}\n")
             self._started_at = time.monotonic()
             self._unhealthy_since = None
             log.info("vLLM starting (pid %d) on %s, log %s", self.proc.pid, self.url, self.log_path)
+
+    @property
+    def pgid_path(self) -> Path:
+        return self.cfg.state_path / "vllm.pgid"
+
+    def _kill_stale_group(self) -> None:
+        """A daemon killed with SIGKILL leaves its vLLM running (and holding the port).
+
+        Its process group id is in ``<state>/vllm.pgid``; if that group still holds a vLLM
+        server, end it before starting ours. Only a group whose members run vLLM is touched.
+        """
+        try:
+            pgid = int(self.pgid_path.read_text().strip())
+        except (OSError, ValueError):
+            return
+        members = [p for p in psutil.process_iter(["cmdline"]) if _pgid(p.pid) == pgid]
+        if not any("vllm" in " ".join(p.info.get("cmdline") or []) for p in members):
+            return
+        log.warning("stopping vLLM left by a previous run (process group %d)", pgid)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGTERM)
+        _gone, alive = psutil.wait_procs(members, timeout=STOP_GRACE_S)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=5)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -401,6 +443,8 @@ class ManagedVLLM:
             self._kill_group(grace)
             self.up = False
             self._restarting = False
+            with contextlib.suppress(OSError):
+                self.pgid_path.unlink()
         if self._client is not None:
             self._client.close()
             self._client = None
