@@ -147,14 +147,24 @@ def daemon(tmp_path: Path) -> Iterator[dict[str, Any]]:
     try:
         yield info
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_tree(proc)
         log.close()
         notify.close()
-        for child in info.get("children", []):
-            if child.is_running():
-                child.kill()
+
+
+def stop_tree(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the daemon (it stops its vLLM); SIGKILL whatever is left of its tree."""
+    if proc.poll() is not None:
+        return
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    _gone, alive = psutil.wait_procs(tree, timeout=10)
+    for p in alive:
+        p.kill()
 
 
 def notify_messages(sock: socket.socket, until: float) -> list[str]:
@@ -236,7 +246,6 @@ def test_document_becomes_served_knowledge(daemon: dict[str, Any]) -> None:
         # SIGTERM: exit 0 within the grace period, and no process left behind.
         children = psutil.Process(proc.pid).children(recursive=True)
         assert children, "the managed vLLM should be a child of the daemon"
-        daemon["children"] = children
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         _gone, alive = psutil.wait_procs(children, timeout=10)
