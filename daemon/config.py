@@ -157,7 +157,7 @@ class TrainingConfig:
     eval_match: str = opt("contains", "How eval answers are scored: 'exact' or 'contains'.")
     general_eval: str = opt("", "General anchor text file (default: seed corpus holdout).")
     general_mix: float = opt(
-        0.5,
+        0.25,
         "General-text tokens mixed into each stage per new token, to anchor the base "
         "distribution (0 = off).",
     )
