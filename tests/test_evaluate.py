@@ -30,8 +30,12 @@ def test_match(completion: str, answer: str, mode: str, expected: bool) -> None:
 def test_load_eval_set_skips_malformed_lines(tmp_path: Path) -> None:
     p = tmp_path / "set.jsonl"
     p.write_text(
-        json.dumps({"prompt": "a", "answer": "b"}) + "\n\nnot json\n[1]\n"
-        + json.dumps({"prompt": "c"}) + "\n" + json.dumps({"prompt": "d", "answer": "e"}) + "\n"
+        json.dumps({"prompt": "a", "answer": "b"})
+        + "\n\nnot json\n[1]\n"
+        + json.dumps({"prompt": "c"})
+        + "\n"
+        + json.dumps({"prompt": "d", "answer": "e"})
+        + "\n"
     )
     assert [it["prompt"] for it in ev.load_eval_set(p)] == ["a", "d"]
 
@@ -40,8 +44,10 @@ def test_load_eval_set_skips_malformed_lines(tmp_path: Path) -> None:
 def model_and_tok(tiny_seed_model: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return (AutoModelForCausalLM.from_pretrained(tiny_seed_model).eval(),
-            AutoTokenizer.from_pretrained(tiny_seed_model))
+    return (
+        AutoModelForCausalLM.from_pretrained(tiny_seed_model).eval(),
+        AutoTokenizer.from_pretrained(tiny_seed_model),
+    )
 
 
 @pytest.mark.slow
@@ -65,8 +71,9 @@ def test_losses_general_anchor_and_per_chunk(model_and_tok, tiny_seed_model: Pat
     model, tok = model_and_tok
     general = ev.general_examples(tok, tiny_seed_model / "general_holdout.txt", 128)
     assert general and all(len(e) <= 128 for e in general)
-    loss, per_chunk, n = ev.example_losses(model, general, max_len=128, batch_tokens=512,
-                                           device="cpu")
+    loss, per_chunk, n = ev.example_losses(
+        model, general, max_len=128, batch_tokens=512, device="cpu"
+    )
     assert 0.0 < loss < 12.0 and n > 0 and per_chunk == {}
     a = tok("the same text again and again", add_special_tokens=False)["input_ids"]
     b = tok("zq xv kw pj", add_special_tokens=False)["input_ids"]

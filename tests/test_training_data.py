@@ -45,9 +45,9 @@ def test_chat_labels_cover_only_assistant_tokens(tok) -> None:
 def test_chat_chunk_formats_and_errors(tok) -> None:
     pair = {"id": 3, "kind": "chat", "text": json.dumps({"prompt": "Hi", "completion": "Yo"})}
     (ex,) = data.encode_chunk(tok, pair, "new", 512)
-    assert ex.chunk_id == 3 and "Yo" in tok.decode([i for i, lab in zip(ex.ids, ex.labels,
-                                                                        strict=True)
-                                                   if lab != IGNORE])
+    assert ex.chunk_id == 3 and "Yo" in tok.decode(
+        [i for i, lab in zip(ex.ids, ex.labels, strict=True) if lab != IGNORE]
+    )
     with pytest.raises(ValueError, match="role, content"):
         data.encode_chunk(tok, {"id": 1, "kind": "chat", "text": json.dumps([1, 2])}, "new", 64)
 
@@ -109,7 +109,7 @@ def test_packed_documents_do_not_attend_across_boundaries(tiny_seed_model: Path,
         t.pop("labels")
         with torch.no_grad():
             out = model(**t).logits[0]
-        return out[len(a):], out[: len(a)]
+        return out[len(a) :], out[: len(a)]
 
     b1, a1 = logits_of("Alpha alpha alpha document A.")
     b2, a2 = logits_of("Something else entirely, longer than before, with other words!")
