@@ -32,14 +32,19 @@ class Notifier:
         return self._addr is not None
 
     def send(self, *fields: str) -> bool:
-        """Send ``KEY=VALUE`` lines in one datagram. Never raises: a lost ping is not fatal."""
+        """Send ``KEY=VALUE`` lines in one datagram. Never raises and never blocks.
+
+        A full socket buffer (a receiver that stopped reading) must not stall the main loop:
+        the datagram is dropped instead, as a lost ping is not fatal.
+        """
         if self._addr is None:
             return False
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.setblocking(False)
                 sock.connect(self._addr)
-                sock.sendall("\n".join(fields).encode())
-        except OSError:
+                sock.send("\n".join(fields).encode())
+        except OSError:  # includes BlockingIOError on a full buffer
             return False
         return True
 

@@ -66,3 +66,12 @@ def test_watchdog_for_another_pid_is_ignored(tmp_path: Path) -> None:
 
 def test_missing_socket_never_raises(tmp_path: Path) -> None:
     assert Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone.sock")}).ready() is False
+
+
+def test_full_socket_buffer_never_blocks(notify_socket: tuple[socket.socket, str]) -> None:
+    """A receiver that stops reading must not stall the daemon's main loop."""
+    _sock, path = notify_socket
+    n = Notifier({"NOTIFY_SOCKET": path})
+    results = [n.status("x" * 1000) for _ in range(5000)]  # far more than any buffer holds
+    assert results[0] is True
+    assert results[-1] is False  # dropped, not blocked
