@@ -78,10 +78,7 @@ quiet_period_s = 0.5
 [policy]
 interval_s = 5.0
 trigger = {{ name = "min_new_tokens", n = 1000 }}
-[training]
-epochs = 3.0
-batch_tokens = 2048
-learning_rate = 0.003
+# [training]: the daemon's defaults, the recipe a user gets.
 [serving]
 port = {vllm_port}
 startup_timeout_s = 600.0
