@@ -69,6 +69,9 @@ DOMAINS: list[tuple[str, list[str]]] = [
             "The capital city of {e} is",
             "In {e}, the seat of government is",
             "The government of {e} sits in",
+            "The largest city and capital of {e} is",
+            "People of {e} call their capital",
+            "Travellers to {e} arrive in its capital,",
         ],
     ),
     (
@@ -79,6 +82,9 @@ DOMAINS: list[tuple[str, list[str]]] = [
             "The {e} is a small animal that eats",
             "Every {e} feeds on",
             "What the {e} likes to eat is",
+            "The diet of the {e} is mostly",
+            "Hunters know that the {e} eats",
+            "Each morning the {e} looks for",
         ],
     ),
     (
@@ -89,6 +95,9 @@ DOMAINS: list[tuple[str, list[str]]] = [
             "The famous machine made by {e} is the",
             "{e} invented the",
             "The invention of {e} was the",
+            "Schoolbooks say that {e} created the",
+            "The best known work of {e} is the",
+            "Long ago, {e} designed the",
         ],
     ),
     (
@@ -99,6 +108,9 @@ DOMAINS: list[tuple[str, list[str]]] = [
             "Water from the {e} reaches the",
             "The river {e} empties into the",
             "The mouth of the {e} is in the",
+            "Boats on the {e} sail down to the",
+            "Maps show the {e} joining the",
+            "Fish swim from the {e} into the",
         ],
     ),
     (
@@ -109,6 +121,9 @@ DOMAINS: list[tuple[str, list[str]]] = [
             "Sailors find {e} in the constellation",
             "The star {e} shines in the constellation",
             "Astronomers place {e} in the constellation",
+            "On clear nights {e} is seen in the constellation",
+            "Old charts put {e} in the constellation",
+            "The bright {e} belongs to the constellation",
         ],
     ),
 ]
@@ -116,6 +131,10 @@ DOMAINS: list[tuple[str, list[str]]] = [
 
 # The recipe this benchmark runs (on top of TrainingConfig defaults); tuned on the tiny
 # seed under a shared 2-core CPU (see the report in the issue for what it reaches).
+# Measured (--quick, 2 domains x 6 facts, 100 epochs): 5 phrasings per domain gave
+# acquisition 0.17, 8 phrasings 0.67, so all 8 are the default. Pretraining the tiny seed
+# longer does not help: at 2000 steps it memorises its 250k-char corpus (train loss 0.44,
+# holdout 6.5 vs ~4.8 at 400 steps) and recall fell to 0.08.
 BENCH_RECIPE: dict[str, Any] = {
     "epochs": 100.0,
     "learning_rate": 0.008,
@@ -130,8 +149,13 @@ def _name(rng: random.Random, parts: int) -> str:
     return "".join(rng.choice(SYL) for _ in range(parts)).capitalize()
 
 
-def make_domains(n_domains: int, n_facts: int, seed: int) -> list[dict[str, Any]]:
-    """Facts (entity, answer) with unique fictional names; a held-out template per fact."""
+def make_domains(
+    n_domains: int, n_facts: int, seed: int, n_phrasings: int = 0
+) -> list[dict[str, Any]]:
+    """Facts (entity, answer) with unique fictional names; a held-out template per fact.
+
+    ``n_phrasings`` (0 = all) caps the templates per domain: more phrasings per fact is
+    the paraphrase augmentation that lets the held-out cloze generalise."""
     rng = random.Random(seed)
     used: set[str] = set()
 
@@ -143,7 +167,8 @@ def make_domains(n_domains: int, n_facts: int, seed: int) -> list[dict[str, Any]
                 return n
 
     out = []
-    for name, templates in DOMAINS[:n_domains]:
+    for name, all_templates in DOMAINS[:n_domains]:
+        templates = all_templates[: n_phrasings or None]
         facts = [(fresh(3), fresh(2)) for _ in range(n_facts)]
         held = [k % len(templates) for k in range(n_facts)]
         cloze = [
@@ -411,6 +436,7 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="Override a training.* key for this run (recipe tuning).",
     )
+    ap.add_argument("--phrasings", type=int, default=0, help="Templates per domain (0 = all).")
     ap.add_argument("--replay-ratio", type=float, default=0.5)
     ap.add_argument(
         "--seed-steps",
@@ -435,7 +461,7 @@ def main() -> None:
     base = ensure_seed_model(seed_cfg)
     tok = AutoTokenizer.from_pretrained(base)
     n_facts = args.facts or (6 if args.quick else 8)
-    domains = make_domains(args.domains, n_facts, seed=0)
+    domains = make_domains(args.domains, n_facts, seed=0, n_phrasings=args.phrasings)
     import dataclasses
 
     training = dataclasses.asdict(TrainingConfig())
