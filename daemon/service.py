@@ -131,6 +131,7 @@ class Service:
         self.metrics = Metrics()
         self.notifier = notifier or Notifier()
         self.stopping = threading.Event()
+        self.refresh_soon = threading.Event()
         self.last_loop = time.time()
         self.managed: Any = None
         self.swapper: Any = None
@@ -146,6 +147,7 @@ class Service:
 
     def on_stage_finished(self, result: dict[str, Any]) -> None:
         self.metrics.on_stage_finished(result)
+        self.refresh_soon.set()  # staleness/pending tokens changed: the main loop re-reads them
         log.info(
             "stage %s %s %s",
             result.get("stage_id"),
@@ -343,7 +345,8 @@ class Service:
                     (endpoint_label(url), up) for url, up in self.swapper.endpoint_states()
                 )
                 next_reconcile = now + self.cfg.serving.reconcile_interval_s
-            if now >= next_refresh:
+            if now >= next_refresh or self.refresh_soon.is_set():
+                self.refresh_soon.clear()
                 try:
                     self._refresh_metrics()
                     line = self._status_line()
