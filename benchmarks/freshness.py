@@ -52,7 +52,7 @@ def build_document(target_words: int = 9000, seed: int = 0) -> str:
     words = 0
     lines = []
     while words < target_words:
-        if rng.random() < 0.08:
+        if rng.random() < 0.25:
             line = f"{FACT_PROMPT} {FACT_ANSWER.capitalize()}."
         else:
             line = (
