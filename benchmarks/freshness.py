@@ -78,6 +78,8 @@ quiet_period_s = 0.5
 [policy]
 interval_s = 5.0
 trigger = {{ name = "min_new_tokens", n = 1000 }}
+# Latency is measured here, not the gate (the tiny seed's general loss moves a few %).
+promotion = {{ name = "gate", min_new_improvement = 0.01, max_retention_regression = 0.5, max_general_regression = 0.5 }}
 # [training]: the daemon's defaults, the recipe a user gets.
 [serving]
 port = {vllm_port}
