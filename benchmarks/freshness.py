@@ -80,7 +80,11 @@ interval_s = 5.0
 trigger = {{ name = "min_new_tokens", n = 1000 }}
 # Latency is measured here, not the gate (the tiny seed's general loss moves a few %).
 promotion = {{ name = "gate", min_new_improvement = 0.01, max_retention_regression = 0.5, max_general_regression = 0.5 }}
-# [training]: the daemon's defaults, the recipe a user gets.
+[training]
+# Enough optimizer steps for the tiny seed to pick the fact up (the e2e test's recipe).
+epochs = 10.0
+batch_tokens = 1024
+learning_rate = 0.003
 [serving]
 port = {vllm_port}
 startup_timeout_s = 600.0
