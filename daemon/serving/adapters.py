@@ -12,6 +12,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -119,11 +121,33 @@ def ensure_zero_adapter(cfg: Config) -> Path:
     final = cfg.serving_dir / ZERO_DIR
     if (final / WEIGHTS_FILE).exists():
         return final.resolve()
+    cfg.serving_dir.mkdir(parents=True, exist_ok=True)
+    # Built in a subprocess: torch + transformers would add ~350 MB to the daemon for good.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "daemon.serving.adapters",
+            str(cfg.resolved_base_model()),
+            str(final),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0 or not (final / WEIGHTS_FILE).exists():
+        lines = (proc.stderr or proc.stdout or "").strip().splitlines()
+        raise AdapterRejected(
+            f"cannot build the zero adapter: {lines[-1] if lines else proc.returncode}"
+        )
+    return final.resolve()
+
+
+def _build_zero_adapter(base: Path, final: Path) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    base = cfg.resolved_base_model()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
     rank = 8
@@ -148,8 +172,7 @@ def ensure_zero_adapter(cfg: Config) -> Path:
         "fan_in_fan_out": False,
         "inference_mode": True,
     }
-    cfg.serving_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".zero-", dir=cfg.serving_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=".zero-", dir=final.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(conf, indent=2), encoding="utf-8")
@@ -164,7 +187,6 @@ def ensure_zero_adapter(cfg: Config) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final.resolve()
 
 
 def link_for_resolver(cfg: Config, version: str, path: Path) -> None:
@@ -183,3 +205,7 @@ def link_for_resolver(cfg: Config, version: str, path: Path) -> None:
     tmp.unlink(missing_ok=True)
     os.symlink(path, tmp)
     os.replace(tmp, link)
+
+
+if __name__ == "__main__":  # python -m daemon.serving.adapters BASE_MODEL_DIR ZERO_DIR
+    _build_zero_adapter(Path(sys.argv[1]), Path(sys.argv[2]))
