@@ -107,6 +107,43 @@ def test_a_second_writer_waits_instead_of_failing(db_path: Path) -> None:
         second.conn.close()
 
 
+def test_opening_the_store_while_another_connection_writes_never_fails(tmp_path: Path) -> None:
+    # Regression: SQLite answers a journal-mode PRAGMA that races a writer on the same new
+    # file with SQLITE_BUSY and no busy-handler retry; the inbox worker died of it.
+    errors: list[BaseException] = []
+    for round_ in range(20):
+        path = tmp_path / f"race{round_}.db"
+        stop = threading.Event()
+
+        def writer(path: Path = path, stop: threading.Event = stop) -> None:
+            try:
+                db = open_db(path)
+                while not stop.is_set():
+                    with transaction(db):
+                        db.conn.execute("CREATE TABLE IF NOT EXISTS t (x)")
+                        db.conn.execute("INSERT INTO t VALUES (1)")
+            except BaseException as exc:  # collected and asserted below
+                errors.append(exc)
+
+        def opener(path: Path = path) -> None:
+            try:
+                for _ in range(20):
+                    open_db(path).conn.close()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=writer)] + [
+            threading.Thread(target=opener) for _ in range(3)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads[1:]:
+            t.join()
+        stop.set()
+        threads[0].join()
+        assert errors == [], f"round {round_}: {errors!r}"
+
+
 def test_transaction_rolls_back_on_error(fresh_db: sqlite_utils.Database) -> None:
     with pytest.raises(ValueError), transaction(fresh_db):
         events.record(fresh_db, "test.event", "will vanish")

@@ -246,7 +246,19 @@ class InboxWatcher:
 
     # ------------------------------------------------------------------ worker side
     def _run(self) -> None:
-        db = open_db(self.cfg.db_path)
+        # The worker must never die silently: a store it cannot open yet (locked, disk
+        # full) is retried, and the inbox is only as late as the store is unavailable.
+        while True:
+            try:
+                db = open_db(self.cfg.db_path)
+                break
+            except Exception:
+                log.exception(
+                    "inbox worker cannot open the store; retrying in %.0f s", ERROR_BACKOFF_S
+                )
+                if self._stop.wait(ERROR_BACKOFF_S):
+                    self._release_waiters()
+                    return
         self._ingester = Ingester(self.cfg, db, on_outcome=self.on_outcome)
         next_rescan = time.monotonic()  # the startup rescan
         try:
@@ -259,9 +271,12 @@ class InboxWatcher:
         finally:
             self._ingester = None
             db.conn.close()
-            # Anyone still waiting on rescan() gets an empty answer rather than hanging.
-            while not self._requests.empty():
-                self._requests.get_nowait()[0].set()
+            self._release_waiters()
+
+    def _release_waiters(self) -> None:
+        """Anyone still waiting on rescan() gets an empty answer rather than hanging."""
+        while not self._requests.empty():
+            self._requests.get_nowait()[0].set()
 
     def _step(self, next_rescan: float) -> float:
         """One pass of the worker loop; returns when the next periodic rescan is due."""
