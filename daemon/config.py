@@ -165,6 +165,11 @@ class TrainingConfig:
         "", "General text to mix in (default: the seed model's general_train.txt)."
     )
     replay_buffer_size: int = opt(20_000, "Reservoir capacity in chunks.")
+    prewarm: bool = opt(
+        True,
+        "Keep one stage process started with torch/transformers/peft imported, waiting for "
+        "the next stage: saves 3-6 s of start-up per stage for ~300 MB of idle RAM.",
+    )
     stage_timeout_s: float = opt(3600.0, "A stage running longer than this is stopped and failed.")
 
     def __post_init__(self) -> None:

@@ -63,11 +63,12 @@ class StageWorker(threading.Thread):
         self.wake.set()
 
     def run(self) -> None:
-        from daemon.training.runner import resume_or_fail_running, run_stage
+        from daemon.training.runner import resume_or_fail_running, run_stage, warm_trainer
         from policies.engine import explain_next
 
         cfg = self.service.cfg
         db = open_db(cfg.db_path)
+        warm = warm_trainer(cfg) if cfg.training.prewarm else None
         try:
             self.busy.set()
             try:
@@ -85,6 +86,8 @@ class StageWorker(threading.Thread):
             finally:
                 self.busy.clear()
             while not self.stop_event.is_set():
+                if warm is not None:
+                    warm.prewarm()  # after the previous stage's swap: it does not slow it
                 self.wake.wait()
                 self.wake.clear()
                 if self.stop_event.is_set():
@@ -106,6 +109,7 @@ class StageWorker(threading.Thread):
                         on_progress=self.service.on_progress,
                         swap=self.service.swap,
                         stop_event=self.stop_event,
+                        warm=warm,
                     )
                     if result:
                         self.service.on_stage_finished(result)
@@ -117,6 +121,8 @@ class StageWorker(threading.Thread):
                     self.busy.clear()
                     self.service.metrics.stage_running.set(0)
         finally:
+            if warm is not None:
+                warm.close()
             db.conn.close()
 
 

@@ -245,3 +245,66 @@ def test_general_mix_adds_general_text_rows(tmp_path: Path, tiny_seed_model: Pat
     # general rows are trained on top of the stage's own data, about 1:1
     assert t["tokens_trained"] > 1.5 * t["data_tokens_trained"]
     db.conn.close()
+
+
+def test_warm_stage_process_runs_the_stage_it_is_handed(
+    tmp_path: Path, tiny_seed_model: Path
+) -> None:
+    cfg = _cfg(tmp_path, tiny_seed_model, epochs=2.0)
+    db = open_db(cfg.db_path)
+    add_doc(db, FACTS_A)
+    warm = runner.warm_trainer(cfg)
+    try:
+        warm.prewarm()
+        warm_pid = warm.pid
+        assert warm_pid is not None
+        # It imports torch & co and then waits, running nothing until it is handed a stage.
+        time.sleep(1.0)
+        assert warm.pid == warm_pid
+        assert stages.list_stages(db, "default") == []
+        res = runner.run_stage(cfg, db, warm=warm)
+        assert res["status"] == "promoted", res
+        row = stages.get(db, res["stage_id"])
+        assert row["pid"] == warm_pid  # the warm process ran it, not a cold one
+        assert warm.pid is None  # used up; the daemon starts the next one
+        log_text = (cfg.stages_dir / str(res["stage_id"]) / "stage.log").read_text()
+        assert (cfg.adapters_dir / res["version"] / "adapter_model.safetensors").is_file()
+        assert "Traceback" not in log_text
+    finally:
+        warm.close()
+        db.conn.close()
+
+
+def test_dead_warm_process_falls_back_to_a_cold_start_and_close_stops_it(
+    tmp_path: Path, tiny_seed_model: Path
+) -> None:
+    cfg = _cfg(tmp_path, tiny_seed_model, epochs=1.0)
+    db = open_db(cfg.db_path)
+    add_doc(db, FACTS_A)
+    warm = runner.warm_trainer(cfg)
+    try:
+        warm.prewarm()
+        dead = warm.pid
+        assert dead is not None
+        os.kill(dead, signal.SIGKILL)
+        _wait_for(lambda: not Path(f"/proc/{dead}").exists() or _is_zombie(dead), 30)
+        res = runner.run_stage(cfg, db, warm=warm)
+        assert res["status"] in ("promoted", "rejected"), res
+        assert stages.get(db, res["stage_id"])["pid"] != dead
+        # close() ends an idle warm process (here one still importing) within seconds
+        warm.prewarm()
+        live = warm.pid
+        assert live is not None
+        warm.close()
+        assert warm.pid is None
+        _wait_for(lambda: not Path(f"/proc/{live}").exists(), 10)
+    finally:
+        warm.close()
+        db.conn.close()
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True

@@ -27,6 +27,7 @@ import sqlite_utils
 
 from daemon.config import Config
 from daemon.training import plan as plan_mod
+from daemon.training.warm import WarmTrainer
 from store import adapters, documents, events, stages
 from store.db import open_db, transaction
 
@@ -50,6 +51,11 @@ def stage_command(cfg: Config, stage_id: int) -> list[str]:
     ]
 
 
+def warm_trainer(cfg: Config) -> WarmTrainer:
+    """The daemon's warm stage process holder (same env and cwd as a cold stage)."""
+    return WarmTrainer(cfg, _env(), str(PROJECT_ROOT))
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
@@ -66,21 +72,27 @@ def spawn_stage(
     on_progress: ProgressFn | None = None,
     stop_event: threading.Event | None = None,
     timeout_s: float | None = None,
+    warm: WarmTrainer | None = None,
 ) -> tuple[int, str]:
-    """Run the stage subprocess to completion; returns (exit code, why it ended)."""
+    """Run the stage subprocess to completion; returns (exit code, why it ended).
+
+    With ``warm``, the stage goes to its waiting pre-imported process when there is one.
+    """
     stage_dir = cfg.stages_dir / str(stage_id)
     stage_dir.mkdir(parents=True, exist_ok=True)
     timeout_s = cfg.training.stage_timeout_s if timeout_s is None else timeout_s
     with open(stage_dir / "stage.log", "ab") as log:
-        proc = subprocess.Popen(
-            stage_command(cfg, stage_id),
-            stdout=subprocess.PIPE,
-            stderr=log,
-            env=_env(),
-            cwd=str(PROJECT_ROOT),
-            text=True,
-            bufsize=1,
-        )
+        proc = warm.take(stage_id, stage_dir / "stage.log") if warm is not None else None
+        if proc is None:
+            proc = subprocess.Popen(
+                stage_command(cfg, stage_id),
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=_env(),
+                cwd=str(PROJECT_ROOT),
+                text=True,
+                bufsize=1,
+            )
         reader = threading.Thread(target=_read_lines, args=(proc, on_progress), daemon=True)
         reader.start()
         started = time.monotonic()
@@ -125,6 +137,7 @@ def run_stage(
     swap: SwapFn | None = None,
     stop_event: threading.Event | None = None,
     stage_id: int | None = None,
+    warm: WarmTrainer | None = None,
 ) -> dict[str, Any]:
     """Plan (unless ``stage_id`` is given, e.g. a resume), train, evaluate and gate one stage.
 
@@ -139,7 +152,7 @@ def run_stage(
             return {"stage_id": None, "status": "skipped", "reason": str(exc)}
         if stage_id is None:
             return {"stage_id": None, "status": "skipped", "reason": "nothing pending"}
-    rc, why = spawn_stage(cfg, stage_id, on_progress=on_progress, stop_event=stop_event)
+    rc, why = spawn_stage(cfg, stage_id, on_progress=on_progress, stop_event=stop_event, warm=warm)
     return finish_stage(cfg, db, stage_id, rc, why, swap=swap)
 
 

@@ -560,13 +560,51 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _preload() -> None:
+    """Import what every stage needs, up front (the bulk of a small stage's start-up)."""
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    import daemon.training.device  # noqa: F401
+
+
+def _wait_for_stage() -> int | None:
+    """Warm mode: preload, then block until the parent writes ``{"stage_id", "log"}``.
+
+    EOF (the parent closed the pipe, or died) means no stage is coming: exit quietly.
+    Stderr moves to the stage's own log once the stage is known.
+    """
+    _preload()
+    line = sys.stdin.readline()
+    if not line.strip():
+        return None
+    order = json.loads(line)
+    log_path = order.get("log")
+    if log_path:
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 2)
+        os.close(fd)
+    return int(order["stage_id"])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m daemon.training.stage", description=__doc__)
-    ap.add_argument("--stage-id", type=int, required=True)
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--stage-id", type=int)
+    which.add_argument(
+        "--wait",
+        action="store_true",
+        help="Warm mode: import torch & co now, then read the stage to run from stdin.",
+    )
     where = ap.add_mutually_exclusive_group(required=True)
     where.add_argument("--db", help="Path of the store (evergreen.db).")
     where.add_argument("--state-dir", help="State dir holding evergreen.db.")
     args = ap.parse_args(argv)
+    if args.wait:
+        args.stage_id = _wait_for_stage()
+        if args.stage_id is None:
+            return EXIT_OK
     db_path = Path(args.db) if args.db else Path(args.state_dir) / "evergreen.db"
     if not db_path.is_file():
         emit("error", message=f"no store at {db_path}")

@@ -1,0 +1,109 @@
+"""A stage process started ahead of time, waiting for its stage (torch-free parent side).
+
+Most of a small stage's start-up is the interpreter importing torch, transformers and peft
+(4-6 s on 2 cores), which the freshness benchmark counts as pure overhead. The daemon keeps
+one ``python -m daemon.training.stage --wait`` process imported and blocked on its stdin;
+a stage is handed over as one JSON line, so it starts training almost at once. The warm
+process reads its plan from the store only after it gets the stage id, so it can never run
+stale settings. After each stage the daemon starts the next warm process.
+
+Cost: one idle process holding the imported libraries (~300 MB RSS, no CPU). It exits by
+itself when the daemon dies (EOF on stdin), and ``close()`` stops it on shutdown.
+``training.prewarm = false`` turns this off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from daemon.config import Config
+
+log = logging.getLogger("evergreen.training.warm")
+
+
+def warm_command(cfg: Config) -> list[str]:
+    return [sys.executable, "-m", "daemon.training.stage", "--wait", "--db", str(cfg.db_path)]
+
+
+class WarmTrainer:
+    """Holds at most one warm stage process; ``take`` hands it a stage, or returns None."""
+
+    def __init__(self, cfg: Config, env: dict[str, str], cwd: str) -> None:
+        self.cfg = cfg
+        self.env = env
+        self.cwd = cwd
+        self._proc: subprocess.Popen[str] | None = None
+        self._lock = threading.Lock()
+
+    def prewarm(self) -> None:
+        """Start a warm process unless one is already alive."""
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                return
+            self._proc = None
+            self.cfg.stages_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                with open(self.cfg.stages_dir / "warm.log", "ab") as err:
+                    self._proc = subprocess.Popen(
+                        warm_command(self.cfg),
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        stderr=err,
+                        env=self.env,
+                        cwd=self.cwd,
+                        text=True,
+                        bufsize=1,
+                    )
+            except OSError as exc:  # stages then start cold, as without prewarm
+                log.warning("cannot start a warm stage process: %s", exc)
+
+    def take(self, stage_id: int, log_path: Path) -> subprocess.Popen[str] | None:
+        """Give ``stage_id`` to the warm process and return it (now that stage's process);
+        None when there is no live warm process (the caller starts one cold)."""
+        with self._lock:
+            proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return None
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(json.dumps({"stage_id": stage_id, "log": str(log_path)}) + "\n")
+            proc.stdin.close()
+        except OSError:  # it died between poll() and write: start cold instead
+            _stop(proc)
+            return None
+        return proc
+
+    def close(self) -> None:
+        """Stop the warm process (SIGTERM; kill if it does not go within 2 s)."""
+        with self._lock:
+            proc, self._proc = self._proc, None
+        if proc is not None:
+            _stop(proc)
+
+    @property
+    def pid(self) -> int | None:
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    """An idle warm process holds no state: SIGTERM ends it at once, even mid-import."""
+    with contextlib.suppress(OSError):
+        if proc.stdin is not None:
+            proc.stdin.close()
+    with contextlib.suppress(OSError):
+        proc.terminate()
+    try:
+        proc.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
