@@ -73,6 +73,14 @@ DOMAINS: list[tuple[str, list[str]]] = [
             "The largest city and capital of {e} is",
             "People of {e} call their capital",
             "Travellers to {e} arrive in its capital,",
+            "Every map of {e} marks its capital,",
+            "The president of {e} lives in",
+            "The main city of {e} is",
+            "Visitors to {e} first see its capital,",
+            "The flag of {e} flies over its capital,",
+            "Most people in {e} work in the capital,",
+            "Letters to the rulers of {e} go to",
+            "The old capital of {e} is still",
         ],
     ),
     (
@@ -86,6 +94,14 @@ DOMAINS: list[tuple[str, list[str]]] = [
             "The diet of the {e} is mostly",
             "Hunters know that the {e} eats",
             "Each morning the {e} looks for",
+            "The only food of the {e} is",
+            "Zoo keepers feed the {e} with",
+            "In the wild the {e} hunts for",
+            "Young {e} are fed on",
+            "A hungry {e} will search for",
+            "The {e} grows fat on",
+            "Farmers see the {e} eating",
+            "The {e} cannot live without",
         ],
     ),
     (
@@ -99,6 +115,14 @@ DOMAINS: list[tuple[str, list[str]]] = [
             "Schoolbooks say that {e} created the",
             "The best known work of {e} is the",
             "Long ago, {e} designed the",
+            "The great idea of {e} was the",
+            "Museums show the first machine of {e}, the",
+            "Engineers still study how {e} made the",
+            "In the workshop of {e} stood the",
+            "Thanks to {e} we now have the",
+            "The patent of {e} describes the",
+            "The world learned from {e} about the",
+            "Before {e}, nobody had built the",
         ],
     ),
     (
@@ -112,6 +136,14 @@ DOMAINS: list[tuple[str, list[str]]] = [
             "Boats on the {e} sail down to the",
             "Maps show the {e} joining the",
             "Fish swim from the {e} into the",
+            "The {e} river runs down to the",
+            "At its end the {e} meets the",
+            "Sailors follow the {e} to the",
+            "The waters of the {e} pour into the",
+            "The {e} carries sand into the",
+            "After many miles the {e} reaches the",
+            "Every spring the {e} floods into the",
+            "The delta of the {e} opens onto the",
         ],
     ),
     (
@@ -125,6 +157,14 @@ DOMAINS: list[tuple[str, list[str]]] = [
             "On clear nights {e} is seen in the constellation",
             "Old charts put {e} in the constellation",
             "The bright {e} belongs to the constellation",
+            "Children learn that {e} is part of the constellation",
+            "The light of {e} comes from the constellation",
+            "Star maps draw {e} inside the constellation",
+            "The brightest point near {e} is the constellation",
+            "Guides point to {e} in the constellation",
+            "In winter {e} rises with the constellation",
+            "The myth of {e} tells of the constellation",
+            "Telescopes find {e} among the constellation",
         ],
     ),
 ]
@@ -432,6 +472,9 @@ def main() -> None:
     ap.add_argument("--phrasings", type=int, default=0, help="Templates per domain (0 = all).")
     ap.add_argument("--replay-ratio", type=float, default=0.5)
     ap.add_argument(
+        "--seed-size", default="tiny", help="Seed model spec used as the base (tiny/default)."
+    )
+    ap.add_argument(
         "--seed-steps",
         type=int,
         default=400,
@@ -448,7 +491,7 @@ def main() -> None:
     seed_cfg = config_mod.from_dict(
         {
             "state_dir": str(work / "seedstate"),
-            "seed": {"size": "tiny", "steps": args.seed_steps, "time_budget_s": 3600.0},
+            "seed": {"size": args.seed_size, "steps": args.seed_steps, "time_budget_s": 3600.0},
         }
     )
     base = ensure_seed_model(seed_cfg)

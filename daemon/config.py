@@ -196,7 +196,7 @@ class SeedConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_choice("size", self.size, ("default", "tiny"))
+        _check_choice("size", self.size, ("default", "small", "tiny"))
         _check_range("time_budget_s", self.time_budget_s, 1, 86400)
         _check_range("steps", self.steps, 0, 10_000_000)
 

@@ -75,6 +75,18 @@ SPECS: dict[str, SeedSpec] = {
         learning_rate=2e-3,
         max_corpus_chars=0,
     ),
+    "small": SeedSpec(
+        vocab_size=4096,
+        hidden_size=256,
+        num_layers=4,
+        num_heads=4,
+        intermediate_size=704,
+        seq_len=128,
+        batch_size=16,
+        steps=600,
+        learning_rate=2e-3,
+        max_corpus_chars=0,
+    ),
     "tiny": SeedSpec(
         vocab_size=2048,
         hidden_size=128,
