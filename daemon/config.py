@@ -151,6 +151,11 @@ class TrainingConfig:
     eval_every: int = opt(20, "Steps between holdout evaluations (early stopping).")
     checkpoint_every: int = opt(20, "Steps between resumable checkpoints.")
     max_steps: int = opt(0, "Hard cap on optimizer steps per stage (0 = no cap).")
+    min_steps: int = opt(
+        0,
+        "Optimizer steps a stage takes at least, repeating its data beyond `epochs` when "
+        "it is small (a few facts need hundreds of steps to stick).",
+    )
     seed: int = opt(0, "Random seed for data order and LoRA init.")
     base_adapter: str = opt("", "Start the first stage from this existing PEFT adapter dir.")
     eval_sets: list = opt([], "User eval sets: JSONL files of {prompt, answer}.")
@@ -181,6 +186,7 @@ class TrainingConfig:
         _check_range("epochs", self.epochs, 0.01, 1000)
         _check_range("batch_tokens", self.batch_tokens, 64, 10_000_000)
         _check_range("grad_accum", self.grad_accum, 1, 1024)
+        _check_range("min_steps", self.min_steps, 0, 10_000_000)
         _check_range("max_seq_len", self.max_seq_len, 16, 1_000_000)
         _check_choice("eval_match", self.eval_match, ("exact", "contains"))
         _check_range("general_mix", self.general_mix, 0, 100)

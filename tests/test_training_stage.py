@@ -308,3 +308,26 @@ def _is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_min_steps_repeats_a_small_stage_data_and_max_steps_still_caps(
+    tmp_path: Path, tiny_seed_model: Path
+) -> None:
+    cfg = _cfg(tmp_path, tiny_seed_model, epochs=1.0, min_steps=15, batch_tokens=4096)
+    db = open_db(cfg.db_path)
+    add_doc(db, FACTS_A)
+    res = runner.run_stage(cfg, db)
+    t = res["metrics"]["training"]
+    # one epoch of this tiny document is a single micro-batch; min_steps makes it 15
+    assert t["steps"] == t["total_steps"] == 15
+    plan = stages.get(db, res["stage_id"])["plan"]
+    packed = json.loads((Path(plan["stage_dir"]) / "data.json").read_text())
+    assert packed["micro_batches"] == 1
+    assert t["data_tokens_trained"] == 15 * (packed["new_tokens"] + packed["replay_tokens"])
+    db.conn.close()
+    (tmp_path / "b").mkdir()
+    cfg2 = _cfg(tmp_path / "b", tiny_seed_model, epochs=1.0, min_steps=15, max_steps=4)
+    db2 = open_db(cfg2.db_path)
+    add_doc(db2, FACTS_A)
+    assert runner.run_stage(cfg2, db2)["metrics"]["training"]["steps"] == 4
+    db2.conn.close()

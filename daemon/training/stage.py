@@ -78,6 +78,7 @@ class Hparams:
     eval_every: int = 20
     checkpoint_every: int = 20
     max_steps: int = 0
+    min_steps: int = 0
     seed: int = 0
     min_lr_ratio: float = 0.1
 
@@ -222,7 +223,9 @@ class Stage:
     # ------------------------------------------------------------------ train
     def total_steps(self) -> int:
         micro = math.ceil(self.hp.epochs * len(self.batches))
-        steps = max(1, math.ceil(micro / self.hp.grad_accum))
+        # A small stage (a few new facts) repeats its data up to min_steps: a handful of
+        # steps teaches a model nothing, whatever the epoch count says.
+        steps = max(1, math.ceil(micro / self.hp.grad_accum), self.hp.min_steps)
         return min(steps, self.hp.max_steps) if self.hp.max_steps else steps
 
     def _lr_lambda(self, total: int) -> Any:
