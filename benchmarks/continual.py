@@ -31,6 +31,7 @@ from daemon import config as config_mod  # noqa: E402
 from daemon.training import runner  # noqa: E402
 from daemon.training.seed import ensure_seed_model  # noqa: E402
 from daemon.training.stage import Hparams  # noqa: E402
+from policies.replay import DEFAULT_RATIO  # noqa: E402
 from store import documents  # noqa: E402
 from store.db import open_db  # noqa: E402
 
@@ -170,19 +171,20 @@ DOMAINS: list[tuple[str, list[str]]] = [
 ]
 
 
-# The recipe this benchmark runs (on top of TrainingConfig defaults); tuned on the tiny
-# seed under a shared 2-core CPU (see the report in the issue for what it reaches).
-# Measured (--quick, 2 domains x 6 facts, 100 epochs): 5 phrasings per domain gave
-# acquisition 0.17, 8 phrasings 0.67, so all 8 are the default. Pretraining the tiny seed
-# longer does not help: at 2000 steps it memorises its 250k-char corpus (train loss 0.44,
-# holdout 6.5 vs ~4.8 at 400 steps) and recall fell to 0.08.
+# The benchmark runs the daemon's default training config (TrainingConfig: rank 64,
+# lr 4e-3, 512-token micro-batches, min_steps 1000; uniform replay ratio 2.0), which is
+# this benchmark's recipe. Only two settings differ, for measurement reasons:
+# - no early stopping: a stage's holdout here *is* its held-out cloze sentences, the
+#   recall probes, so stopping on them would tune on the test set;
+# - max_seq_len 256: the documents are short, so rows pack the same either way.
+# How the recipe was found (tiny seed, 4 domains x 8 facts, replay run): 8 -> 16 phrasings
+# per domain raised acquisition 0.69 -> 0.88; replay ratio 0.5 -> 0.65 retention 0.14 ->
+# 0.71; a fixed step budget (min_steps) with ratio 1.0 -> 0.86 and ratio 2.0 -> 1.0 at no
+# extra tokens (replay displaces repetitions of the new data). The 4.3M 'small' seed learned
+# as well but drifted on general text (+198 % perplexity), so the tiny seed stays.
 BENCH_RECIPE: dict[str, Any] = {
-    "epochs": 100.0,
-    "learning_rate": 0.008,
-    "batch_tokens": 512,
-    "max_seq_len": 256,
     "eval_every": 0,
-    "general_mix": 0.25,
+    "max_seq_len": 256,
 }
 
 
@@ -390,6 +392,7 @@ def speed_evergreen(base: Path, work: Path, docs: list[str], tok: Any, training:
         {
             **training,
             "epochs": 1.0,
+            "min_steps": 0,  # one pass over the documents, as the baseline does
             "eval_every": 0,
             "early_stopping_patience": 1000,
             "checkpoint_every": 0,
@@ -457,7 +460,7 @@ def speed_hf_trainer(base: Path, work: Path, docs: list[str], training: dict, ba
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="3 facts fewer, fewer epochs (dev).")
+    ap.add_argument("--quick", action="store_true", help="2 facts fewer, half the steps (dev).")
     ap.add_argument("--workdir", default="", help="Keep state here (default: a temp dir).")
     ap.add_argument("--domains", type=int, default=4)
     ap.add_argument("--facts", type=int, default=0)
@@ -470,7 +473,12 @@ def main() -> None:
         help="Override a training.* key for this run (recipe tuning).",
     )
     ap.add_argument("--phrasings", type=int, default=0, help="Templates per domain (0 = all).")
-    ap.add_argument("--replay-ratio", type=float, default=0.5)
+    ap.add_argument(
+        "--replay-ratio",
+        type=float,
+        default=DEFAULT_RATIO,
+        help="Replay ratio of the replay runs (default: the policies' default).",
+    )
     ap.add_argument(
         "--seed-size", default="tiny", help="Seed model spec used as the base (tiny/default)."
     )
@@ -505,7 +513,7 @@ def main() -> None:
         training.pop(key)
     training.update(BENCH_RECIPE)
     if args.quick:
-        training["epochs"] = max(4.0, training["epochs"] / 2)
+        training["min_steps"] = training["min_steps"] // 2
     for item in args.set:
         key, _, value = item.partition("=")
         training[key] = type(training[key])(json.loads(value))

@@ -131,17 +131,18 @@ class PolicyConfig:
 
 @dataclass
 class TrainingConfig:
-    lora_rank: int = opt(16, "LoRA rank (vLLM's --max-lora-rank must be >= this).")
+    # Defaults below are the continual benchmark's recipe (benchmarks/continual.py).
+    lora_rank: int = opt(64, "LoRA rank (serving.max_lora_rank must be >= this).")
     lora_alpha: int = opt(32, "LoRA alpha.")
     lora_dropout: float = opt(0.0, "LoRA dropout.")
     target_modules: list = opt(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "Modules that get LoRA weights (attention and MLP by default).",
     )
-    learning_rate: float = opt(2e-3, "Peak learning rate (warmup then cosine).")
+    learning_rate: float = opt(4e-3, "Peak learning rate (warmup then cosine).")
     warmup_ratio: float = opt(0.05, "Share of steps used for LR warmup.")
     epochs: float = opt(8.0, "Passes over the stage's data mix.")
-    batch_tokens: int = opt(4096, "Tokens per micro-batch (packed, never padded).")
+    batch_tokens: int = opt(512, "Tokens per micro-batch (packed, never padded).")
     grad_accum: int = opt(1, "Micro-batches per optimizer step.")
     max_seq_len: int = opt(512, "Longest packed sequence.")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
@@ -152,7 +153,7 @@ class TrainingConfig:
     checkpoint_every: int = opt(20, "Steps between resumable checkpoints.")
     max_steps: int = opt(0, "Hard cap on optimizer steps per stage (0 = no cap).")
     min_steps: int = opt(
-        0,
+        1000,
         "Optimizer steps a stage takes at least, repeating its data beyond `epochs` when "
         "it is small (a few facts need hundreds of steps to stick).",
     )
@@ -215,7 +216,7 @@ class ServingConfig:
     port: int = opt(8000, "Managed vLLM port.")
     endpoints: list = opt([], "External mode: vLLM base URLs, e.g. http://10.0.0.5:8000.")
     api_key: str = opt("", "API key for vLLM; generated into the state dir if empty.")
-    max_lora_rank: int = opt(16, "vLLM --max-lora-rank (8, 16, 32, 64, ...).")
+    max_lora_rank: int = opt(64, "vLLM --max-lora-rank (8, 16, 32, 64, ...).")
     max_loras: int = opt(4, "vLLM --max-loras: adapters resident at once.")
     max_cpu_loras: int = opt(
         8, "vLLM --max-cpu-loras: adapters cached in memory (>= max_loras); others reload."
@@ -350,6 +351,17 @@ _validators: list[SectionValidator] = []
 def register_validator(fn: SectionValidator) -> SectionValidator:
     _validators.append(fn)
     return fn
+
+
+@register_validator
+def _check_lora_rank_fits_serving(cfg: Config) -> None:
+    """vLLM refuses an adapter above its --max-lora-rank: catch that at load, not at swap."""
+    if cfg.serving.mode != "none" and cfg.training.lora_rank > cfg.serving.max_lora_rank:
+        raise ConfigError(
+            "serving.max_lora_rank",
+            f"is {cfg.serving.max_lora_rank}, below training.lora_rank"
+            f" {cfg.training.lora_rank}: vLLM would refuse every adapter",
+        )
 
 
 def _type_ok(value: Any, tp: Any) -> bool:

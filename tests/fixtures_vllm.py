@@ -126,6 +126,7 @@ def vllm_server2(
             "max_loras": 4,
             "max_model_len": 512,
         },
+        training={"lora_rank": 8},
     )
     server = _start(cfg)
     try:

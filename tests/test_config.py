@@ -45,6 +45,12 @@ def test_defaults_load_without_a_file(tmp_path: Path) -> None:
         ({"serving": {"port": 70000}}, "serving.port", "between"),
         ({"log_level": "loud"}, "log_level", "must be one of"),
         ({"track": "a b"}, "track", "letters"),
+        ({"training": {"min_steps": -1}}, "training.min_steps", "between"),
+        (
+            {"training": {"lora_rank": 128}, "serving": {"max_lora_rank": 64}},
+            "serving.max_lora_rank",
+            "below training.lora_rank 128",
+        ),
     ],
 )
 def test_errors_name_the_key_path(tmp_path: Path, data: dict, path: str, problem: str) -> None:

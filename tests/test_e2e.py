@@ -74,6 +74,7 @@ promotion = {{ name = "gate", min_new_improvement = 0.01, max_retention_regressi
 
 [training]
 epochs = 80.0
+min_steps = 0  # sized by epochs: the default 1000 steps would only make this test longer
 batch_tokens = 1024
 learning_rate = 0.003
 eval_every = 1000

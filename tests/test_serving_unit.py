@@ -99,7 +99,7 @@ def test_truncated_safetensors_refused(cfg: Config, keep: int) -> None:
 
 
 def test_rank_above_server_limit_refused(cfg: Config) -> None:
-    path = write_adapter(cfg.adapters_dir / "v0007", rank=32)
+    path = write_adapter(cfg.adapters_dir / "v0007", rank=2 * cfg.serving.max_lora_rank)
     with pytest.raises(AdapterRejected, match="max_lora_rank"):
         validate_adapter_dir(cfg, path)
 

@@ -55,7 +55,7 @@ def emit(event: str, **fields: Any) -> None:
 class Hparams:
     """The hyper-parameters a stage uses, as recorded in its plan."""
 
-    lora_rank: int = 16
+    lora_rank: int = 64
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = (
@@ -67,10 +67,10 @@ class Hparams:
         "up_proj",
         "down_proj",
     )
-    learning_rate: float = 2e-3
+    learning_rate: float = 4e-3
     warmup_ratio: float = 0.05
     epochs: float = 8.0
-    batch_tokens: int = 4096
+    batch_tokens: int = 512
     grad_accum: int = 1
     max_seq_len: int = 512
     weight_decay: float = 0.0
@@ -78,7 +78,7 @@ class Hparams:
     eval_every: int = 20
     checkpoint_every: int = 20
     max_steps: int = 0
-    min_steps: int = 0
+    min_steps: int = 1000
     seed: int = 0
     min_lr_ratio: float = 0.1
 
