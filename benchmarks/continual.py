@@ -474,6 +474,12 @@ def main() -> None:
     )
     ap.add_argument("--phrasings", type=int, default=0, help="Templates per domain (0 = all).")
     ap.add_argument(
+        "--data-seed",
+        type=int,
+        default=0,
+        help="Seed of the fictional facts (another seed = a fresh set to check the recipe on).",
+    )
+    ap.add_argument(
         "--replay-ratio",
         type=float,
         default=DEFAULT_RATIO,
@@ -505,7 +511,7 @@ def main() -> None:
     base = ensure_seed_model(seed_cfg)
     tok = AutoTokenizer.from_pretrained(base)
     n_facts = args.facts or (6 if args.quick else 8)
-    domains = make_domains(args.domains, n_facts, seed=0, n_phrasings=args.phrasings)
+    domains = make_domains(args.domains, n_facts, seed=args.data_seed, n_phrasings=args.phrasings)
     import dataclasses
 
     training = dataclasses.asdict(TrainingConfig())
@@ -577,6 +583,7 @@ def main() -> None:
         "acquisition_most_forgotten": summarize(mf)["acquisition"] if mf else None,
         "n_domains": len(domains),
         "n_facts": n_facts,
+        "data_seed": args.data_seed,
         "quick": args.quick,
         "elapsed_s": round(time.time() - t_start, 1),
     }

@@ -195,7 +195,9 @@ class TrainingConfig:
 
 @dataclass
 class SeedConfig:
-    size: str = opt("default", "Seed model size: 'default' (~15M params) or 'tiny' (tests).")
+    size: str = opt(
+        "default", "Seed model size: 'default' (~14M params), 'small' (~4M) or 'tiny' (tests)."
+    )
     time_budget_s: float = opt(300.0, "Pretraining time budget for the seed model.")
     seed: int = opt(0, "Random seed; the build is deterministic for a given seed.")
     steps: int = opt(
