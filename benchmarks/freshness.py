@@ -82,11 +82,7 @@ trigger = {{ name = "min_new_tokens", n = 1000 }}
 # Latency is measured here, not the gate (the tiny seed's general loss moves a few %).
 promotion = {{ name = "gate", min_new_improvement = 0.01, max_retention_regression = 0.5, max_general_regression = 0.5 }}
 [training]
-# Enough optimizer steps for the tiny seed to pick the fact up (the e2e test's recipe).
-epochs = 10.0
-min_steps = 0  # this document is large: its 10 epochs are ~220 steps (no need for more)
-batch_tokens = 1024
-learning_rate = 0.003
+# The default recipe (TrainingConfig); only the warm stage process is switched per run.
 prewarm = {str(prewarm).lower()}
 [serving]
 port = {vllm_port}

@@ -73,10 +73,7 @@ trigger = {{ name = "min_new_tokens", n = 1 }}
 promotion = {{ name = "gate", min_new_improvement = 0.01, max_retention_regression = 0.5, max_general_regression = 0.5 }}
 
 [training]
-epochs = 80.0
-min_steps = 0  # sized by epochs: the default 1000 steps would only make this test longer
-batch_tokens = 1024
-learning_rate = 0.003
+# The default recipe (rank 64, min_steps 1000, ...); no early stopping on this tiny holdout.
 eval_every = 1000
 checkpoint_every = 50
 
