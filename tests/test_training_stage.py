@@ -331,3 +331,28 @@ def test_min_steps_repeats_a_small_stage_data_and_max_steps_still_caps(
     add_doc(db2, FACTS_A)
     assert runner.run_stage(cfg2, db2)["metrics"]["training"]["steps"] == 4
     db2.conn.close()
+
+
+def test_warm_process_that_crashes_idle_is_not_respawned_on_every_wake(tmp_path: Path) -> None:
+    from daemon.training.warm import WarmTrainer
+    from tests.fixtures_model import make_tiny_cfg
+
+    cfg = make_tiny_cfg(tmp_path / "state", tmp_path / "no-model")
+    # A broken `daemon` package first on the path: the warm process dies at once.
+    fake = tmp_path / "fake" / "daemon"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise ImportError("broken daemon package")\n')
+    env = {**os.environ, "PYTHONPATH": str(fake.parent)}
+    warm = WarmTrainer(cfg, env, str(fake.parent))
+    try:
+        warm.prewarm()
+        first = warm._proc
+        assert first is not None
+        first.wait(timeout=60)
+        assert first.returncode != 0
+        warm.prewarm()  # notices the crash: no new process for a while
+        assert warm.pid is None and warm._proc is None
+        assert warm.take(1, tmp_path / "x.log") is None  # the stage then starts cold
+        assert "broken daemon package" in (cfg.stages_dir / "warm.log").read_text()
+    finally:
+        warm.close()

@@ -20,11 +20,14 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from daemon.config import Config
 
 log = logging.getLogger("evergreen.training.warm")
+
+RETRY_AFTER_CRASH_S = 60.0  # a warm process that died idle is not restarted on every wake
 
 
 def warm_command(cfg: Config) -> list[str]:
@@ -40,13 +43,28 @@ class WarmTrainer:
         self.cwd = cwd
         self._proc: subprocess.Popen[str] | None = None
         self._lock = threading.Lock()
+        self._retry_at = 0.0
 
     def prewarm(self) -> None:
         """Start a warm process unless one is already alive."""
         with self._lock:
-            if self._proc is not None and self._proc.poll() is None:
+            if self._proc is not None:
+                rc = self._proc.poll()
+                if rc is None:
+                    return
+                if rc != 0:  # it died before it got a stage: broken env, OOM kill, ...
+                    log.warning(
+                        "warm stage process exited with %s (see %s); stages start cold,"
+                        " next try in %.0f s",
+                        rc,
+                        self.cfg.stages_dir / "warm.log",
+                        RETRY_AFTER_CRASH_S,
+                    )
+                    self._retry_at = time.monotonic() + RETRY_AFTER_CRASH_S
+                _stop(self._proc)
+                self._proc = None
+            if time.monotonic() < self._retry_at:
                 return
-            self._proc = None
             self.cfg.stages_dir.mkdir(parents=True, exist_ok=True)
             try:
                 with open(self.cfg.stages_dir / "warm.log", "ab") as err:
