@@ -486,7 +486,7 @@ def main() -> None:
         help="Replay ratio of the replay runs (default: the policies' default).",
     )
     ap.add_argument(
-        "--seed-size", default="tiny", help="Seed model spec used as the base (tiny/default)."
+        "--seed-size", default="tiny", help="Seed model spec used as the base (tiny/small/default)."
     )
     ap.add_argument(
         "--seed-steps",

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from daemon.training import plan as plan_mod
 from daemon.training import runner
+from daemon.training.warm import WarmTrainer
 from store import adapters, documents, stages
 from store.db import open_db
 from tests.fixtures_model import add_doc, make_tiny_cfg
@@ -247,14 +251,26 @@ def test_general_mix_adds_general_text_rows(tmp_path: Path, tiny_seed_model: Pat
     db.conn.close()
 
 
-def test_warm_stage_process_runs_the_stage_it_is_handed(
-    tmp_path: Path, tiny_seed_model: Path
-) -> None:
-    cfg = _cfg(tmp_path, tiny_seed_model, epochs=2.0)
+@contextlib.contextmanager
+def _warm_setup(
+    tmp_path: Path, base: Path, epochs: float
+) -> Iterator[tuple[Any, Any, WarmTrainer]]:
+    """A store with one pending document and the daemon's warm-process holder."""
+    cfg = _cfg(tmp_path, base, epochs=epochs)
     db = open_db(cfg.db_path)
     add_doc(db, FACTS_A)
     warm = runner.warm_trainer(cfg)
     try:
+        yield cfg, db, warm
+    finally:
+        warm.close()
+        db.conn.close()
+
+
+def test_warm_stage_process_runs_the_stage_it_is_handed(
+    tmp_path: Path, tiny_seed_model: Path
+) -> None:
+    with _warm_setup(tmp_path, tiny_seed_model, epochs=2.0) as (cfg, db, warm):
         warm.prewarm()
         warm_pid = warm.pid
         assert warm_pid is not None
@@ -270,19 +286,12 @@ def test_warm_stage_process_runs_the_stage_it_is_handed(
         log_text = (cfg.stages_dir / str(res["stage_id"]) / "stage.log").read_text()
         assert (cfg.adapters_dir / res["version"] / "adapter_model.safetensors").is_file()
         assert "Traceback" not in log_text
-    finally:
-        warm.close()
-        db.conn.close()
 
 
 def test_dead_warm_process_falls_back_to_a_cold_start_and_close_stops_it(
     tmp_path: Path, tiny_seed_model: Path
 ) -> None:
-    cfg = _cfg(tmp_path, tiny_seed_model, epochs=1.0)
-    db = open_db(cfg.db_path)
-    add_doc(db, FACTS_A)
-    warm = runner.warm_trainer(cfg)
-    try:
+    with _warm_setup(tmp_path, tiny_seed_model, epochs=1.0) as (cfg, db, warm):
         warm.prewarm()
         dead = warm.pid
         assert dead is not None
@@ -298,9 +307,6 @@ def test_dead_warm_process_falls_back_to_a_cold_start_and_close_stops_it(
         warm.close()
         assert warm.pid is None
         _wait_for(lambda: not Path(f"/proc/{live}").exists(), 10)
-    finally:
-        warm.close()
-        db.conn.close()
 
 
 def _is_zombie(pid: int) -> bool:
@@ -334,7 +340,6 @@ def test_min_steps_repeats_a_small_stage_data_and_max_steps_still_caps(
 
 
 def test_warm_process_that_crashes_idle_is_not_respawned_on_every_wake(tmp_path: Path) -> None:
-    from daemon.training.warm import WarmTrainer
     from tests.fixtures_model import make_tiny_cfg
 
     cfg = make_tiny_cfg(tmp_path / "state", tmp_path / "no-model")
@@ -343,7 +348,7 @@ def test_warm_process_that_crashes_idle_is_not_respawned_on_every_wake(tmp_path:
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text('raise ImportError("broken daemon package")\n')
     env = {**os.environ, "PYTHONPATH": str(fake.parent)}
-    warm = WarmTrainer(cfg, env, str(fake.parent))
+    warm = WarmTrainer(cfg, runner.stage_command(cfg, None), env, str(fake.parent))
     try:
         warm.prewarm()
         first = warm._proc

@@ -39,21 +39,15 @@ ProgressFn = Callable[[dict[str, Any]], None]
 SwapFn = Callable[[str, str], Any]  # (version, reason); moves the pointer once served
 
 
-def stage_command(cfg: Config, stage_id: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "daemon.training.stage",
-        "--stage-id",
-        str(stage_id),
-        "--db",
-        str(cfg.db_path),
-    ]
+def stage_command(cfg: Config, stage_id: int | None) -> list[str]:
+    """The stage subprocess; ``stage_id=None`` starts it warm (it reads the id from stdin)."""
+    which = ["--wait"] if stage_id is None else ["--stage-id", str(stage_id)]
+    return [sys.executable, "-m", "daemon.training.stage", *which, "--db", str(cfg.db_path)]
 
 
 def warm_trainer(cfg: Config) -> WarmTrainer:
     """The daemon's warm stage process holder (same env and cwd as a cold stage)."""
-    return WarmTrainer(cfg, _env(), str(PROJECT_ROOT))
+    return WarmTrainer(cfg, stage_command(cfg, None), _env(), str(PROJECT_ROOT))
 
 
 def _env() -> dict[str, str]:

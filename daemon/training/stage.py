@@ -78,7 +78,7 @@ class Hparams:
     eval_every: int = 20
     checkpoint_every: int = 20
     max_steps: int = 0
-    min_steps: int = 1000
+    min_steps: int = 0  # plans written before min_steps existed resume as they were planned
     seed: int = 0
     min_lr_ratio: float = 0.1
 

@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,15 +29,12 @@ log = logging.getLogger("evergreen.training.warm")
 RETRY_AFTER_CRASH_S = 60.0  # a warm process that died idle is not restarted on every wake
 
 
-def warm_command(cfg: Config) -> list[str]:
-    return [sys.executable, "-m", "daemon.training.stage", "--wait", "--db", str(cfg.db_path)]
-
-
 class WarmTrainer:
     """Holds at most one warm stage process; ``take`` hands it a stage, or returns None."""
 
-    def __init__(self, cfg: Config, env: dict[str, str], cwd: str) -> None:
+    def __init__(self, cfg: Config, command: list[str], env: dict[str, str], cwd: str) -> None:
         self.cfg = cfg
+        self.command = command  # runner.stage_command(cfg, None)
         self.env = env
         self.cwd = cwd
         self._proc: subprocess.Popen[str] | None = None
@@ -69,7 +65,7 @@ class WarmTrainer:
             try:
                 with open(self.cfg.stages_dir / "warm.log", "ab") as err:
                     self._proc = subprocess.Popen(
-                        warm_command(self.cfg),
+                        self.command,
                         stdin=subprocess.PIPE,
                         stdout=subprocess.PIPE,
                         stderr=err,
