@@ -1,10 +1,9 @@
-"""The one base class for failures a user can act on.
+"""Re-export of :class:`store.errors.EvergreenError`, the one base for expected failures.
 
-The CLI prints these as one line and exits 1 (a traceback only with ``--debug``); the
-daemon logs them with their message and keeps running where it can. Anything else that
-escapes is a bug and keeps its traceback.
+Kept so ``from daemon.errors import EvergreenError`` reads naturally in daemon code; the
+class itself lives in the bottom layer (``store``) so policies and the store share it.
 """
 
+from store.errors import EvergreenError
 
-class EvergreenError(Exception):
-    """An expected failure with a message that says what to do."""
+__all__ = ["EvergreenError"]
