@@ -78,7 +78,9 @@ class TrainingConfig(Section):
     early_stopping_patience: int = num(
         3, 0, 10_000, "Evaluations without holdout improvement before stopping."
     )
-    eval_every: int = num(20, 1, MAX_STEPS, "Steps between holdout evaluations (early stopping).")
+    eval_every: int = num(
+        20, 0, MAX_STEPS, "Steps between holdout evaluations (early stopping; 0 = none)."
+    )
     checkpoint_every: int = num(20, 1, MAX_STEPS, "Steps between resumable checkpoints.")
     max_steps: int = num(0, 0, MAX_STEPS, "Hard cap on optimizer steps per stage (0 = no cap).")
     min_steps: int = num(

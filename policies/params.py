@@ -27,8 +27,8 @@ class ParamError(EvergreenError, ValueError):
 
     def __init__(self, path: str, problem: str) -> None:
         self.path = path
-        self.problem = problem
-        super().__init__(f"{path or '<root>'}: {problem}")
+        self.problem = " ".join(problem.splitlines())  # one line, whatever a checker said
+        super().__init__(f"{path or '<root>'}: {self.problem}")
 
 
 class Params(BaseModel):

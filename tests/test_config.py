@@ -174,6 +174,7 @@ def test_any_key_value_gives_config_or_config_error(section: str, key: str, valu
     try:
         config_mod.from_dict(data)
     except ConfigError as exc:
+        assert "\n" not in str(exc)  # one line, always
         if section:
             assert exc.path.startswith(f"{section}."), exc
         else:
