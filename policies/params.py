@@ -28,7 +28,8 @@ class ParamError(EvergreenError, ValueError):
     def __init__(self, path: str, problem: str) -> None:
         self.path = path
         self.problem = " ".join(problem.splitlines())  # one line, whatever a checker said
-        super().__init__(f"{path or '<root>'}: {self.problem}")
+        shown = path if path.isprintable() else repr(path)[1:-1]  # a key may hold "\n"
+        super().__init__(f"{shown or '<root>'}: {self.problem}")
 
 
 class Params(BaseModel):
