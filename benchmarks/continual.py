@@ -512,9 +512,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(base)
     n_facts = args.facts or (6 if args.quick else 8)
     domains = make_domains(args.domains, n_facts, seed=args.data_seed, n_phrasings=args.phrasings)
-    import dataclasses
-
-    training = dataclasses.asdict(TrainingConfig())
+    training = TrainingConfig().model_dump()
     for key in ("eval_sets", "eval_match", "general_eval", "base_adapter"):
         training.pop(key)
     training.update(BENCH_RECIPE)

@@ -120,7 +120,7 @@ def config_show(ctx: click.Context, as_json: bool, keys: bool) -> None:
     """Print the effective config (file + defaults), as TOML with help comments."""
     if keys:
         for path, default, help_text in config_mod.iter_help():
-            click.echo(f"{path} = {config_mod._toml_value(default)}\n    {help_text}")
+            click.echo(f"{path} = {config_mod.toml_value(default)}\n    {help_text}")
         return
     cfg = _load_config(ctx)
     if as_json:

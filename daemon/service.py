@@ -5,7 +5,7 @@ Threads, each with its own SQLite connection:
   refresh, the systemd STATUS line. A hung main loop stops the watchdog pings on purpose.
 - the **watcher** (daemon.ingest): inotify events + periodic rescans -> the store; after each
   batch it pokes the stage worker so triggers are evaluated right after ingest.
-- the **scheduler** (APScheduler, policies.schedule): pokes the stage worker every
+- the **scheduler** (APScheduler, daemon.scheduling.schedule): pokes the stage worker every
   ``policy.interval_s``.
 - the **stage worker**: on a poke, evaluates the trigger policy and, when it fires, runs one
   stage (plan -> subprocess -> eval -> gate -> promote -> swap). One stage at a time by
@@ -63,8 +63,8 @@ class StageWorker(threading.Thread):
         self.wake.set()
 
     def run(self) -> None:
+        from daemon.scheduling.decisions import explain_next
         from daemon.training.runner import resume_or_fail_running, run_stage, warm_trainer
-        from policies.engine import explain_next
 
         cfg = self.service.cfg
         db = open_db(cfg.db_path)
@@ -261,7 +261,7 @@ class Service:
             log.info("metrics on http://%s:%s/metrics", cfg.metrics.host, cfg.metrics.port)
         if self.training:
             from daemon.ingest.watcher import InboxWatcher
-            from policies.schedule import start_scheduler
+            from daemon.scheduling.schedule import start_scheduler
 
             self.worker = StageWorker(self)
             self.worker.start()

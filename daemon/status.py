@@ -67,7 +67,7 @@ def _stage_summary(row: dict[str, Any]) -> dict[str, Any]:
 
 def _next_decision(cfg: Config, db: Any, now: float) -> dict[str, Any] | None:
     """The trigger policy's explained verdict (evaluated, not acted on)."""
-    from policies.engine import explain_next
+    from daemon.scheduling.decisions import explain_next
 
     # record=False: looking at the status never writes (no tick, no decision event).
     try:

@@ -1,16 +1,17 @@
-"""The three policy Protocols, the Decision they return, parameters, and the registry.
+"""The three policy Protocols, the Decision they return, and the registry.
 
-Policies are small dataclasses found by name (``@register("replay", "uniform")``) and
-built from config tables (``{name = "uniform", ratio = 0.5}``). Every parameter is a
-:func:`param` field with a checker, so the same check runs whether a policy is built from
-a TOML file (where a failure becomes ``ConfigError("policy.replay.ratio", ...)``) or
-directly from Python (tests, benchmarks). Policies never touch the store or a model: they
-are pure functions of a snapshot (:class:`TriggerState`, candidate lists) and a clock.
+Policies are pydantic models (:class:`policies.params.Params`) found by name
+(``@register("replay", "uniform", default=True)``) and built from config tables
+(``{name = "uniform", ratio = 2.0}``). The registry is the discriminated union over
+``name`` for each kind: unlike a static ``Union[...]`` it also admits policies that
+plugins register later, with the same guarantees (unknown names and parameters are
+errors that name the key path, defaults come from the class). A table without ``name``
+means the kind's default policy. Policies never touch the store or a model: they are pure
+functions of a snapshot (:class:`TriggerState`, candidate lists) and a clock.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import re
 from collections.abc import Callable
@@ -18,7 +19,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, tzinfo
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from daemon.config import ConfigError
+from pydantic import BaseModel, ValidationError
+
+from policies.params import ParamError, explain, join_path
 
 KINDS = ("trigger", "replay", "promotion", "selection")
 # Names are config identifiers: lower snake case, short. "all"/"any" are combinators.
@@ -46,7 +49,7 @@ class Decision:
 
 @dataclass
 class TriggerState:
-    """A snapshot of what trigger policies may look at; built by :mod:`policies.engine`.
+    """A snapshot of what trigger policies may look at; built by ``daemon.scheduling``.
 
     Everything that needs I/O (scores from the scorer subprocess, vLLM ``/metrics``,
     free memory) is fetched by the engine and passed in here, so policies stay pure and
@@ -127,51 +130,18 @@ class PromotionPolicy(Protocol):
     def decide(self, candidate: dict[str, float], baseline: dict[str, float]) -> Decision: ...
 
 
-# ----------------------------------------------------------------------------- parameters
-Check = Callable[[Any], Any]
-
-
-def param(check: Check, default: Any = dataclasses.MISSING, *, help: str) -> Any:
-    """A policy parameter: ``check`` validates and converts a raw (TOML) value.
-
-    ``check`` raises ``ValueError("must be ...")``; the loader turns that into a
-    :class:`ConfigError` whose path ends with the parameter's name.
-    """
-    meta = {"help": help, "check": check}
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-class Params:
-    """Mixin for policy dataclasses: runs every :func:`param` check in ``__post_init__``."""
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            check = f.metadata.get("check")
-            if check is None or not f.init:
-                continue
-            try:
-                setattr(self, f.name, check(getattr(self, f.name)))
-            except ValueError as exc:
-                raise ConfigError(f.name, str(exc)) from None
-        self.validate()
-
-    def validate(self) -> None:
-        """Cross-parameter checks (override); raise ConfigError(param_name, problem)."""
-
-
 # ----------------------------------------------------------------------------- registry
 T = TypeVar("T")
 _REGISTRIES: dict[str, dict[str, Callable[..., Any]]] = {kind: {} for kind in KINDS}
+_DEFAULTS: dict[str, str] = {}
 
 
-def register(kind: str, name: str) -> Callable[[T], T]:
-    """Class decorator: ``@register("replay", "uniform")``.
+def register(kind: str, name: str, *, default: bool = False) -> Callable[[T], T]:
+    """Class decorator: ``@register("replay", "uniform", default=True)``.
 
     Rejects unknown kinds, malformed or reserved names and duplicates at import time, so
     a clash between two plugins is a loud error rather than one silently shadowing the
-    other.
+    other. ``default=True`` makes it the policy a config table without ``name`` means.
     """
     if kind not in _REGISTRIES:
         raise ValueError(f"unknown policy kind {kind!r} (known: {', '.join(KINDS)})")
@@ -186,7 +156,11 @@ def register(kind: str, name: str) -> Callable[[T], T]:
         reg = _REGISTRIES[kind]
         if name in reg:
             raise ValueError(f"{kind} policy {name!r} is already registered")
+        if default and kind in _DEFAULTS:
+            raise ValueError(f"{kind} already has a default policy {_DEFAULTS[kind]!r}")
         reg[name] = factory  # type: ignore[assignment]
+        if default:
+            _DEFAULTS[kind] = name
         if isinstance(factory, type):
             factory.policy_name = name  # type: ignore[attr-defined]  # for reasons and plans
         return factory
@@ -197,6 +171,8 @@ def register(kind: str, name: str) -> Callable[[T], T]:
 def unregister(kind: str, name: str) -> None:
     """Remove a registration (tests and plugin reloads only)."""
     _REGISTRIES[kind].pop(name, None)
+    if _DEFAULTS.get(kind) == name:
+        del _DEFAULTS[kind]
 
 
 def get(kind: str, name: str) -> Callable[..., Any]:
@@ -214,52 +190,90 @@ def names(kind: str) -> list[str]:
     return sorted(_REGISTRIES[kind])
 
 
+def default_name(kind: str) -> str | None:
+    """The policy a table without ``name`` means (None: the kind has no default)."""
+    _load_builtins()
+    return _DEFAULTS.get(kind)
+
+
+def _model(factory: Any) -> type[BaseModel] | None:
+    return factory if isinstance(factory, type) and issubclass(factory, BaseModel) else None
+
+
 def describe(kind: str, name: str) -> dict[str, str]:
     """Parameter name -> help text of a registered policy (for docs and errors)."""
-    factory = get(kind, name)
-    if not dataclasses.is_dataclass(factory):
+    model = _model(get(kind, name))
+    if model is None:
         return {}
-    return {f.name: str(f.metadata.get("help", "")) for f in dataclasses.fields(factory)}
+    return {k: f.description or "" for k, f in model.model_fields.items()}
 
 
-def build(kind: str, spec: Any, path: str) -> Any:
-    """Instantiate the policy a config table names; every error carries the key path."""
+def _resolve(kind: str, spec: Any, path: str) -> tuple[str, dict[str, Any]]:
+    """(policy name, parameters) of a config table; a table without name = the default."""
     _load_builtins()
     if not isinstance(spec, dict):
-        raise ConfigError(path, f"must be a table like {{name = ...}}, got {spec!r}")
-    name = spec.get("name")
+        raise ParamError(path, f"must be a table like {{name = ...}}, got {spec!r}")
     known = ", ".join(sorted(_REGISTRIES[kind]))
+    name = spec.get("name", _DEFAULTS.get(kind))
     if name is None:
-        raise ConfigError(f"{path}.name", f"missing {kind} policy name (known: {known})")
+        raise ParamError(join_path(path, "name"), f"missing {kind} policy name (known: {known})")
     if not isinstance(name, str) or name not in _REGISTRIES[kind]:
-        raise ConfigError(f"{path}.name", f"unknown {kind} policy {name!r} (known: {known})")
+        raise ParamError(
+            join_path(path, "name"), f"unknown {kind} policy {name!r} (known: {known})"
+        )
+    return name, {k: v for k, v in spec.items() if k != "name"}
+
+
+def build(kind: str, spec: Any, path: str = "") -> Any:
+    """Instantiate the policy a config table names; every error is a :class:`ParamError`
+    whose path starts with ``path`` (``policy.replay.ratio: must be ...``)."""
+    name, params = _resolve(kind, spec, path)
     factory = _REGISTRIES[kind][name]
-    params = {k: v for k, v in spec.items() if k != "name"}
-    if dataclasses.is_dataclass(factory):
-        fields = {f.name: f for f in dataclasses.fields(factory) if f.init}
-        for key in params:
-            if key not in fields:
-                raise ConfigError(
-                    f"{path}.{key}",
-                    f"unknown parameter of {kind} policy {name!r}"
-                    f" (known: {', '.join(sorted(fields)) or 'none'})",
-                )
-        for fname, f in fields.items():
-            no_default = (
-                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    model = _model(factory)
+    if model is None:  # a plain callable plugin: no parameter schema to check against
+        try:
+            return factory(**params)
+        except (TypeError, ValueError) as exc:
+            raise ParamError(path, str(exc)) from None
+    fields = model.model_fields
+    for key in params:
+        if key not in fields:
+            raise ParamError(
+                join_path(path, key),
+                f"unknown parameter of {kind} policy {name!r}"
+                f" (known: {', '.join(sorted(fields)) or 'none'})",
             )
-            if no_default and fname not in params:
-                raise ConfigError(
-                    f"{path}.{fname}",
-                    f"required parameter of {kind} policy {name!r} is missing"
-                    f" ({f.metadata.get('help', '')})",
-                )
+    for key, f in fields.items():
+        if f.is_required() and key not in params:
+            raise ParamError(
+                join_path(path, key),
+                f"required parameter of {kind} policy {name!r} is missing ({f.description})",
+            )
     try:
-        return factory(**params)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}.{exc.path}" if exc.path else path, exc.problem) from None
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(path, str(exc)) from None
+        return model.model_validate(params)
+    except ValidationError as exc:
+        where, problem = explain(exc, model)
+        raise ParamError(join_path(path, where), problem) from None
+
+
+def with_defaults(kind: str, spec: Any, path: str = "") -> dict[str, Any]:
+    """The effective table: validated, ``name`` set, every parameter present.
+
+    What the config stores and ``evergreen config show`` prints, so the defaults it shows
+    are the class's. Given values are kept as written ("5m" stays "5m"); a missing one is
+    the class default as validated (Window's ``"2h"`` shows as 7200.0 seconds).
+    """
+    policy = build(kind, spec, path)
+    name, params = _resolve(kind, spec, path)
+    if not isinstance(policy, BaseModel):
+        return {"name": name, **params}
+    dumped = policy.model_dump()
+    out: dict[str, Any] = {"name": name}
+    for key in type(policy).model_fields:
+        value = params.get(key, dumped.get(key))
+        if value is not None:
+            out[key] = value
+    return out
 
 
 _builtins_loaded = False

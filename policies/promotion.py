@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from policies.base import Decision, Params, param, register
-from policies.units import fraction, nonneg_float
+from pydantic import BeforeValidator, Field
+
+from policies.base import Decision, register
+from policies.params import Params
+from policies.units import Fraction, NonNegFloat
 
 ALWAYS_REQUIRED = ("new_loss",)
 DIMENSIONS = ("new_loss", "retention_loss", "general_loss")
@@ -40,6 +43,9 @@ def _metric_names(value: Any) -> list[str]:
                 f"unknown metric {name!r} (use {', '.join(DIMENSIONS)} or eval:<name>)"
             )
     return list(value)
+
+
+MetricNames = Annotated[list[str], BeforeValidator(_metric_names)]
 
 
 def _num(metrics: dict[str, Any], key: str) -> float | None:
@@ -59,27 +65,25 @@ def _rel(cand: float, base: float) -> float:
     return (cand - base) / abs(base)
 
 
-@register("promotion", "gate")
-@dataclass
+@register("promotion", "gate", default=True)
 class Gate(Params):
     """Promote only if new-data loss improves and nothing else regresses too much."""
 
-    min_new_improvement: float = param(
-        fraction, 0.01, help="Relative improvement of new-data holdout loss needed (0.01 = 1%)."
+    min_new_improvement: Fraction = Field(
+        0.01, description="Relative improvement of new-data holdout loss needed (0.01 = 1%)."
     )
-    max_retention_regression: float = param(
-        fraction, 0.05, help="Largest relative rise of retention loss allowed (0.05 = 5%)."
+    max_retention_regression: Fraction = Field(
+        0.05, description="Largest relative rise of retention loss allowed (0.05 = 5%)."
     )
-    max_general_regression: float = param(
-        fraction, 0.05, help="Largest relative rise of general-anchor loss allowed."
+    max_general_regression: Fraction = Field(
+        0.05, description="Largest relative rise of general-anchor loss allowed."
     )
-    max_eval_drop_points: float = param(
-        nonneg_float, 5.0, help="Largest drop of any user eval set, in points (0-100)."
+    max_eval_drop_points: NonNegFloat = Field(
+        5.0, description="Largest drop of any user eval set, in points (0-100)."
     )
-    required: list = param(
-        _metric_names,
-        [],
-        help="Metrics that must exist even without a baseline (new_loss always does).",
+    required: MetricNames = Field(
+        default_factory=list,
+        description="Metrics that must exist even without a baseline (new_loss always does).",
     )
 
     def _needed(self, key: str) -> bool:

@@ -13,10 +13,13 @@ import math
 import random
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import Annotated, Literal
 
-from policies.base import Params, Pick, ReplayCandidate, param, register
-from policies.units import choice, fmt_int, fraction, nonneg_float, positive_float
+from pydantic import BeforeValidator, Field
+
+from policies.base import Pick, ReplayCandidate, register
+from policies.params import Params
+from policies.units import Fraction, PositiveFloat, fmt_int, nonneg_float
 
 # The continual benchmark's recipe (benchmarks/continual.py): 2 replay tokens per new token
 # kept recall of 4 sequential domains at 1.0. A stage that is small enough for
@@ -34,6 +37,9 @@ def _ratio(value: object) -> float:
     return r
 
 
+Ratio = Annotated[float, BeforeValidator(_ratio)]
+
+
 def fill(ordered: Iterable[ReplayCandidate], budget_tokens: int) -> tuple[list[int], int]:
     """Take candidates in order while they fit in ``budget_tokens``; (ids, tokens used)."""
     ids: list[int] = []
@@ -49,9 +55,9 @@ def fill(ordered: Iterable[ReplayCandidate], budget_tokens: int) -> tuple[list[i
 
 
 class _ReplayBase(Params):
-    """Shared ``select``/``budget`` so every policy has the same budget semantics."""
+    """Shared ``ratio``/``select``/``budget`` so every policy has the same budget semantics."""
 
-    ratio: float
+    ratio: Ratio = Field(DEFAULT_RATIO, description=RATIO_HELP)
 
     def budget(self, new_tokens: int) -> int:
         return int(self.ratio * max(0, new_tokens))
@@ -64,7 +70,7 @@ class _ReplayBase(Params):
     def plan(
         self, candidates: list[ReplayCandidate], budget_tokens: int, rng: random.Random
     ) -> Pick:
-        name = type(self).policy_name  # type: ignore[attr-defined]
+        name = type(self).policy_name
         if budget_tokens <= 0 or not candidates:
             why = "replay budget is 0" if budget_tokens <= 0 else "replay buffer is empty"
             return Pick([], 0, [f"{name} replay: {why}"])
@@ -82,12 +88,9 @@ class _ReplayBase(Params):
         return self.plan(candidates, budget_tokens, rng).chunk_ids
 
 
-@register("replay", "uniform")
-@dataclass
+@register("replay", "uniform", default=True)
 class Uniform(_ReplayBase):
     """Every buffered chunk equally likely (the reservoir is already a uniform sample)."""
-
-    ratio: float = param(_ratio, DEFAULT_RATIO, help=RATIO_HELP)
 
     def order(
         self, candidates: list[ReplayCandidate], rng: random.Random
@@ -97,7 +100,6 @@ class Uniform(_ReplayBase):
 
 
 @register("replay", "recency")
-@dataclass
 class Recency(_ReplayBase):
     """Recent stages weighted more: weight halves every ``half_life`` stages of age.
 
@@ -105,8 +107,7 @@ class Recency(_ReplayBase):
     old stages still appear, just less often.
     """
 
-    ratio: float = param(_ratio, DEFAULT_RATIO, help=RATIO_HELP)
-    half_life: float = param(positive_float, 2.0, help="Stages of age that halve the weight.")
+    half_life: PositiveFloat = Field(2.0, description="Stages of age that halve the weight.")
 
     def order(
         self, candidates: list[ReplayCandidate], rng: random.Random
@@ -126,7 +127,6 @@ class Recency(_ReplayBase):
 
 
 @register("replay", "most_forgotten")
-@dataclass
 class MostForgotten(_ReplayBase):
     """Chunks whose loss under the current adapter rose the most since they were learned.
 
@@ -139,10 +139,9 @@ class MostForgotten(_ReplayBase):
     ``explore`` draws that share of picks uniformly, so a stale score cannot starve the rest.
     """
 
-    ratio: float = param(_ratio, DEFAULT_RATIO, help=RATIO_HELP)
-    explore: float = param(fraction, 0.0, help="Share of picks drawn uniformly instead.")
-    unscored: str = param(
-        choice("estimate", "last"), "estimate", help="Rank unscored chunks by an estimate, or last."
+    explore: Fraction = Field(0.0, description="Share of picks drawn uniformly instead.")
+    unscored: Literal["estimate", "last"] = Field(
+        "estimate", description="Rank unscored chunks by an estimate, or last."
     )
 
     def order(
@@ -220,15 +219,13 @@ def _interleave(
 
 
 @register("replay", "balanced")
-@dataclass
 class Balanced(_ReplayBase):
     """Equal token share per source: each next chunk comes from the group (document,
     stage or track) that has the fewest replay tokens so far, so one huge document cannot
     crowd out the rest."""
 
-    ratio: float = param(_ratio, DEFAULT_RATIO, help=RATIO_HELP)
-    by: str = param(
-        choice("source", "stage"), "source", help="Group by source document or by stage."
+    by: Literal["source", "stage"] = Field(
+        "source", description="Group by source document or by stage."
     )
 
     def order(

@@ -12,8 +12,14 @@ import random
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from policies.base import Params, Pick, param, register
-from policies.units import fmt_int, nonneg_int
+from pydantic import Field
+
+from policies.base import Pick, register
+from policies.params import Params
+from policies.units import NonNegInt, fmt_int
+
+TOKEN_BUDGET = 200_000
+BUDGET_HELP = "New tokens per stage (0 = all)."
 
 
 @dataclass
@@ -60,12 +66,13 @@ def _budget_note(budget: int, used: int, n_taken: int, n_all: int) -> str:
     return f"{n_taken} of {n_all} pending chunks, {fmt_int(used)} tokens ({cap}){tail}"
 
 
-@register("selection", "fifo")
-@dataclass
-class Fifo(Params):
-    """Oldest pending chunks first."""
+class _Budgeted(Params):
+    token_budget: NonNegInt = Field(TOKEN_BUDGET, description=BUDGET_HELP)
 
-    token_budget: int = param(nonneg_int, 200_000, help="New tokens per stage (0 = all).")
+
+@register("selection", "fifo")
+class Fifo(_Budgeted):
+    """Oldest pending chunks first."""
 
     def plan(self, chunks: list[PendingChunk], rng: random.Random) -> Pick:
         ordered = sorted(chunks, key=_fifo_key)
@@ -77,12 +84,9 @@ class Fifo(Params):
         )
 
 
-@register("selection", "highest_loss")
-@dataclass
-class HighestLoss(Params):
+@register("selection", "highest_loss", default=True)
+class HighestLoss(_Budgeted):
     """Highest loss under the current model first (active learning); FIFO when unscored."""
-
-    token_budget: int = param(nonneg_int, 200_000, help="New tokens per stage (0 = all).")
 
     def plan(self, chunks: list[PendingChunk], rng: random.Random) -> Pick:
         scored = sorted(

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
 from datetime import datetime, tzinfo
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator
 
 # Bounds keep every later datetime computation (now ± duration) in range.
 MAX_DURATION_S = 10 * 365 * 86400.0
@@ -132,13 +133,17 @@ def text(value: Any) -> str:
     raise ValueError(f"must be a string, got {value!r}")
 
 
-def choice(*options: str) -> Callable[[Any], str]:
-    def check(value: Any) -> str:
-        if value in options:
-            return str(value)
-        raise ValueError(f"must be one of {', '.join(options)}; got {value!r}")
-
-    return check
+# Parameter types for :class:`policies.params.Params` models: the checker above is the
+# one place each rule lives, and runs before pydantic's own type check.
+PositiveInt = Annotated[int, BeforeValidator(positive_int)]
+NonNegInt = Annotated[int, BeforeValidator(nonneg_int)]
+PositiveFloat = Annotated[float, BeforeValidator(positive_float)]
+NonNegFloat = Annotated[float, BeforeValidator(nonneg_float)]
+Fraction = Annotated[float, BeforeValidator(fraction)]
+PositiveDuration = Annotated[float, BeforeValidator(positive_duration)]
+Bytes = Annotated[int, BeforeValidator(parse_bytes)]
+Bool = Annotated[bool, BeforeValidator(boolean)]
+Text = Annotated[str, BeforeValidator(text)]
 
 
 # ----------------------------------------------------------------------------- formatting

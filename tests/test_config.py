@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import string
 import tomllib
 from pathlib import Path
 
@@ -37,15 +37,22 @@ def test_defaults_load_without_a_file(tmp_path: Path) -> None:
         ({"ingest": {"chunk_tokens": "many"}}, "ingest.chunk_tokens", "expected int"),
         ({"ingest": {"pii_scrub": "yes"}}, "ingest.pii_scrub", "expected bool"),
         ({"ingest": {"batch_size": True}}, "ingest.batch_size", "expected int"),
-        ({"ingest": {"holdout_fraction": 0.95}}, "ingest.holdout_fraction", "between"),
-        ({"ingest": {"chunk_tokens": 4}}, "ingest.chunk_tokens", "between"),
+        ({"ingest": {"holdout_fraction": 0.95}}, "ingest.holdout_fraction", "must be <= 0.9"),
+        ({"ingest": {"chunk_tokens": 4}}, "ingest.chunk_tokens", "must be >= 16, got 4"),
         ({"ingest": 5}, "ingest", "must be a table"),
         ({"training": {"lora_rank": 12}}, "training.lora_rank", "must be one of"),
         ({"serving": {"mode": "cloud"}}, "serving.mode", "must be one of"),
-        ({"serving": {"port": 70000}}, "serving.port", "between"),
+        ({"serving": {"port": 70000}}, "serving.port", "must be <= 65535, got 70000"),
         ({"log_level": "loud"}, "log_level", "must be one of"),
         ({"track": "a b"}, "track", "letters"),
-        ({"training": {"min_steps": -1}}, "training.min_steps", "between"),
+        ({"training": {"min_steps": -1}}, "training.min_steps", "must be >= 0, got -1"),
+        # every numeric key has a range: these used to pass `evergreen config check`
+        ({"training": {"max_steps": -3}}, "training.max_steps", "must be >= 0, got -3"),
+        ({"ingest": {"max_file_bytes": -1}}, "ingest.max_file_bytes", "must be >= 1"),
+        ({"ingest": {"min_chars": -5}}, "ingest.min_chars", "must be >= 0, got -5"),
+        ({"training": {"checkpoint_every": 0}}, "training.checkpoint_every", "must be >= 1"),
+        ({"ingest": {"rescan_interval_s": -10}}, "ingest.rescan_interval_s", "must be >= 0"),
+        ({"ingest": {"quiet_period_s": float("nan")}}, "ingest.quiet_period_s", "finite"),
         (
             {"training": {"lora_rank": 128}, "serving": {"max_lora_rank": 64}},
             "serving.max_lora_rank",
@@ -86,8 +93,22 @@ def test_every_key_has_help_text() -> None:
     missing = [path for path, _default, help_text in keys if len(help_text.strip()) < 8]
     assert missing == []
     assert len({path for path, _, _ in keys}) == len(keys)
-    for f in dataclasses.fields(Config):  # sections carry help too
-        assert f.metadata.get("help"), f.name
+    for name, f in Config.model_fields.items():  # sections carry help too
+        assert f.description, name
+
+
+def test_every_numeric_key_has_a_range() -> None:
+    """A number without bounds is how -3 steps used to pass `config check`."""
+    from daemon.config import Section
+
+    unbounded = []
+    for section in [Config, *Section.__subclasses__()]:
+        for name, f in section.model_fields.items():
+            if f.annotation in (int, float):
+                bounds = {type(m).__name__ for m in f.metadata}
+                if not {"Ge", "Le"} <= bounds:
+                    unbounded.append(f"{section.__name__}.{name}")
+    assert unbounded == []
 
 
 def test_config_show_is_toml_that_round_trips(tmp_path: Path) -> None:
@@ -153,7 +174,46 @@ def test_any_key_value_gives_config_or_config_error(section: str, key: str, valu
     try:
         config_mod.from_dict(data)
     except ConfigError as exc:
+        assert "\n" not in str(exc)  # one line, always
         if section:
             assert exc.path.startswith(f"{section}."), exc
         else:
             assert exc.path == key or exc.path.startswith(f"{key}."), exc
+
+
+# Any text a user may put in a string key: newlines, quotes, backslashes, control
+# characters and unicode (surrogates cannot be encoded as UTF-8, so no TOML file has them).
+any_text = st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    texts=st.tuples(any_text, any_text, any_text),
+    extra_args=st.lists(any_text, max_size=4),
+    ratio=st.floats(0, 100, allow_nan=False),
+    drop=st.floats(0, 1e6, allow_nan=False),
+)
+def test_config_show_always_round_trips(
+    texts: tuple[str, str, str], extra_args: list[str], ratio: float, drop: float
+) -> None:
+    prompt, api_key, base_model = texts
+    cfg = config_mod.from_dict(
+        {
+            "state_dir": "/tmp/evergreen-config-roundtrip",
+            "base_model": base_model,
+            "serving": {"smoke_prompt": prompt, "api_key": api_key, "extra_args": extra_args},
+            "policy": {"replay": {"ratio": ratio}, "promotion": {"max_eval_drop_points": drop}},
+        }
+    )
+    text = config_mod.to_toml(cfg)
+    again = config_mod.from_dict(tomllib.loads(text))
+    assert again == cfg
+    assert again.serving.smoke_prompt == prompt and again.serving.extra_args == extra_args
+
+
+def test_config_show_quotes_keys_and_escapes_control_characters() -> None:
+    from daemon.config_toml import toml_value
+
+    weird = {"a b": 'x\u0000\u001f\u007f\n"\\', "ключ": 1.5e-7, "ok-key_1": [True, 2]}
+    assert tomllib.loads(f"v = {toml_value(weird)}\n")["v"] == weird
+    assert set(string.printable) <= set(tomllib.loads(f"s = {toml_value(string.printable)}")["s"])

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from daemon import config as config_mod
+from daemon.scheduling.spec import build_all
 from policies.base import TriggerState
-from policies.spec import build_all
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted([*ROOT.glob("examples/*.toml"), *ROOT.glob("systemd/*.toml")])

@@ -15,7 +15,7 @@ import sqlite_utils
 
 from daemon import config as config_mod
 from daemon.config import Config
-from policies import engine, probes
+from daemon.scheduling import decisions, planning, probes
 from store import documents, events, stages
 from store.db import open_db, transaction
 
@@ -73,12 +73,12 @@ def add_stage(db: sqlite_utils.Database, status: str, at: float, plan: Any = Non
 
 
 def decision_events(db: sqlite_utils.Database) -> list[dict[str, Any]]:
-    return events.recent(db, kind_prefix=engine.EVENT_KIND, limit=100)
+    return events.recent(db, kind_prefix=decisions.EVENT_KIND, limit=100)
 
 
 # ----------------------------------------------------------------------------- explain_next
 def test_nothing_pending(tmp_path: Path, db: sqlite_utils.Database) -> None:
-    out = engine.explain_next(make_cfg(tmp_path), db, now=T0, tz=UTC)
+    out = decisions.explain_next(make_cfg(tmp_path), db, now=T0, tz=UTC)
     assert out["fire"] is False
     assert out["summary"].startswith("nothing pending to train (then: ")
     assert out["reasons"][0] == "nothing pending to train"
@@ -117,7 +117,7 @@ def test_explain_next_default_tree(
     add_doc(db, "a", setup["tokens"], created_at=setup["oldest"])
     if setup["last_stage"] is not None:
         add_stage(db, stages.PROMOTED, setup["last_stage"])
-    out = engine.explain_next(make_cfg(tmp_path), db, now=T0, tz=UTC)
+    out = decisions.explain_next(make_cfg(tmp_path), db, now=T0, tz=UTC)
     assert out["fire"] is fire
     assert out["summary"] == summary
     assert out["state"]["pending_tokens"] == sum(setup["tokens"])
@@ -126,7 +126,7 @@ def test_explain_next_default_tree(
 def test_running_stage_never_fires(tmp_path: Path, db: sqlite_utils.Database) -> None:
     add_doc(db, "a", [5000], created_at=T0 - 5 * H)
     sid = add_stage(db, stages.RUNNING, T0 - H)
-    out = engine.explain_next(make_cfg(tmp_path), db, now=T0, tz=UTC)
+    out = decisions.explain_next(make_cfg(tmp_path), db, now=T0, tz=UTC)
     assert out["fire"] is False
     assert out["reasons"][0] == f"stage #{sid} is running; at most one stage at a time"
     assert out["state"]["stage_running"] is True
@@ -137,13 +137,13 @@ def test_decision_events_only_on_change(tmp_path: Path, db: sqlite_utils.Databas
     add_doc(db, "a", [100], created_at=T0)
     for i in range(5):  # five ticks, token count changes, verdicts do not
         add_doc(db, f"more{i}", [10], created_at=T0)
-        out = engine.explain_next(cfg, db, now=T0 + i * 30, tz=UTC)
+        out = decisions.explain_next(cfg, db, now=T0 + i * 30, tz=UTC)
         assert out["fire"] is False
     evs = decision_events(db)
     assert len(evs) == 1
     assert evs[0]["message"].startswith("next stage when ≥ 2,000 new tokens (now 110)")
     add_doc(db, "big", [5000], created_at=T0)  # now min_new_tokens fires: a real change
-    engine.explain_next(cfg, db, now=T0 + 300, tz=UTC)
+    decisions.explain_next(cfg, db, now=T0 + 300, tz=UTC)
     evs = decision_events(db)
     assert len(evs) == 2
     assert evs[0]["message"].startswith("train now: ")
@@ -152,7 +152,7 @@ def test_decision_events_only_on_change(tmp_path: Path, db: sqlite_utils.Databas
 
 def test_status_look_does_not_write(tmp_path: Path, db: sqlite_utils.Database) -> None:
     add_doc(db, "a", [100])
-    engine.explain_next(make_cfg(tmp_path), db, now=T0, tz=UTC, record=False)
+    decisions.explain_next(make_cfg(tmp_path), db, now=T0, tz=UTC, record=False)
     assert decision_events(db) == []
     assert db.conn.execute("SELECT COUNT(*) FROM kv WHERE key LIKE 'policy.%'").fetchone()[0] == 0
 
@@ -169,18 +169,18 @@ def test_missed_window_runs_once_after_downtime(tmp_path: Path, db: sqlite_utils
     )
     add_doc(db, "a", [100], created_at=T0 - 3 * 86400)
     before = T0 - 2 * 86400  # the daemon last ticked two days ago, then went down
-    assert engine.explain_next(cfg, db, now=before, tz=UTC)["fire"] is False
-    first = engine.explain_next(cfg, db, now=T0, tz=UTC)
+    assert decisions.explain_next(cfg, db, now=before, tz=UTC)["fire"] is False
+    first = decisions.explain_next(cfg, db, now=T0, tz=UTC)
     assert first["fire"] is True
     assert "missed the maintenance window of Sat 21 Nov 02:00 while down" in first["summary"]
     # still true on the next tick until a stage starts...
-    assert engine.explain_next(cfg, db, now=T0 + 30, tz=UTC)["fire"] is True
+    assert decisions.explain_next(cfg, db, now=T0 + 30, tz=UTC)["fire"] is True
     add_stage(db, stages.RUNNING, T0 + 40)
-    assert engine.explain_next(cfg, db, now=T0 + 60, tz=UTC)["fire"] is False
+    assert decisions.explain_next(cfg, db, now=T0 + 60, tz=UTC)["fire"] is False
     with transaction(db):
         db.conn.execute("UPDATE stages SET status = 'promoted', finished_at = ?", (T0 + 90,))
     # ...and once one ran, the missed windows (two of them) do not fire again
-    after = engine.explain_next(cfg, db, now=T0 + 120, tz=UTC)
+    after = decisions.explain_next(cfg, db, now=T0 + 120, tz=UTC)
     assert after["fire"] is False
     assert "in the maintenance window (tomorrow at 02:00)" in after["summary"]
 
@@ -191,13 +191,13 @@ def test_surprise_reads_chunk_scores(tmp_path: Path, db: sqlite_utils.Database) 
     with transaction(db):
         documents.mark_trained(db, learned_train, stage_id=1)
     _, new_train, _ = add_doc(db, "new", [40, 60])
-    out = engine.explain_next(cfg, db, now=T0, tz=UTC)
+    out = decisions.explain_next(cfg, db, now=T0, tz=UTC)
     assert out["fire"] is False
     assert out["reasons"] == ["surprise: learned holdout not scored yet, waiting for the scorer"]
     with transaction(db):
         documents.put_scores(db, None, {learned_holdout[0]: 1.0, learned_holdout[1]: 1.0})
         documents.put_scores(db, None, {new_train[0]: 2.0, new_train[1]: 2.0})
-    out = engine.explain_next(cfg, db, now=T0, tz=UTC)
+    out = decisions.explain_next(cfg, db, now=T0, tz=UTC)
     assert out["fire"] is True  # exp(2 - 1) = 2.72x >= 2
     assert "perplexity 7.4 is 2.72× learned holdout 2.7 (≥ 2×)" in out["reasons"][0]
     assert out["state"]["pending_scored_fraction"] == 1.0
@@ -220,7 +220,7 @@ def test_serving_and_memory_probes_are_injected(tmp_path: Path, db: sqlite_utils
         seen.append(endpoints)
         return dict.fromkeys(endpoints, 3.0)
 
-    out = engine.explain_next(
+    out = decisions.explain_next(
         cfg, db, now=T0, tz=UTC, fetch_serving=fetch, probe_memory=lambda: 2 * 1024**3
     )
     assert seen == [["http://127.0.0.1:8000"]]
@@ -280,7 +280,7 @@ def test_plan_stage_selection_replay_and_holdout(tmp_path: Path, db: sqlite_util
     _, b_train, b_hold = add_doc(db, "b", [100], holdout=1)
     with transaction(db):
         documents.put_scores(db, None, {a_train[0]: 1.0, a_train[1]: 4.0, b_train[0]: 3.0})
-    plan = engine.plan_stage(cfg, db)
+    plan = planning.plan_stage(cfg, db)
     assert plan is not None
     assert plan["new_chunk_ids"] == [a_train[1], b_train[0]]  # losses 4.0 and 3.0
     assert plan["new_tokens"] == 200
@@ -293,7 +293,7 @@ def test_plan_stage_selection_replay_and_holdout(tmp_path: Path, db: sqlite_util
 
 
 def test_plan_stage_nothing_pending(tmp_path: Path, db: sqlite_utils.Database) -> None:
-    assert engine.plan_stage(make_cfg(tmp_path), db) is None
+    assert planning.plan_stage(make_cfg(tmp_path), db) is None
 
 
 # ----------------------------------------------------------------------------- after_reject
@@ -315,14 +315,14 @@ def test_after_reject(
     result: dict[str, Any] = {}
     for _ in range(rejections):
         sid = add_stage(db, stages.REJECTED, T0, plan={"new_chunk_ids": train})
-        result = engine.after_reject(cfg, db, sid)
+        result = planning.after_reject(cfg, db, sid)
     statuses = {r[0] for r in db.conn.execute("SELECT status FROM chunks WHERE split = 'train'")}
     assert statuses == ({documents.PENDING} if pending_after else {documents.DROPPED})
     assert message in result["message"]
     attempts = {r[0] for r in db.conn.execute("SELECT attempts FROM chunks WHERE split='train'")}
     assert attempts == {rejections}
     assert (
-        events.recent(db, kind_prefix=engine.REJECT_EVENT_KIND)[0]["message"] == result["message"]
+        events.recent(db, kind_prefix=planning.REJECT_EVENT_KIND)[0]["message"] == result["message"]
     )
     # nothing is ever deleted
     assert db.conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0] == 3
@@ -340,14 +340,14 @@ def test_scoring_needs_follow_the_configured_policies(
         documents.put_scores(db, None, {new[0]: 1.0})
 
     fifo_uniform = make_cfg(tmp_path, selection={"name": "fifo"})
-    assert engine.scoring_needs(fifo_uniform, db)["chunk_ids"] == []
+    assert planning.scoring_needs(fifo_uniform, db)["chunk_ids"] == []
 
     everything = make_cfg(
         tmp_path,
         trigger={"name": "surprise", "ratio": 1.5},
         replay={"name": "most_forgotten"},
     )
-    needs = engine.scoring_needs(everything, db)
+    needs = planning.scoring_needs(everything, db)
     assert needs["adapter_version"] == ""
     assert needs["chunk_ids"] == [new[1], *old_hold, *old]
     assert needs["reasons"] == [
@@ -362,8 +362,32 @@ def test_after_reject_inside_callers_transaction(tmp_path: Path, db: sqlite_util
     _, train, _ = add_doc(db, "a", [100])
     sid = add_stage(db, stages.REJECTED, T0, plan={"new_chunk_ids": train})
     with transaction(db):  # the runner marks the stage and handles its data atomically
-        result = engine.after_reject(cfg, db, sid)
+        result = planning.after_reject(cfg, db, sid)
     assert result["retry"] == train
+
+
+def test_scheduling_writes_are_savepoints_inside_a_callers_transaction(
+    tmp_path: Path, db: sqlite_utils.Database
+) -> None:
+    """A failing block rolls back only itself; the caller's earlier writes survive, and a
+    caller that rolls back takes the block's writes with it."""
+    from daemon.scheduling.spec import write
+    from store import kv
+
+    with transaction(db):
+        kv.put(db, "outer", "1")
+        with pytest.raises(RuntimeError), write(db):
+            kv.put(db, "inner", "1")
+            raise RuntimeError("boom")
+        with write(db):
+            kv.put(db, "kept", "1")
+    assert (kv.get(db, "outer"), kv.get(db, "inner"), kv.get(db, "kept")) == ("1", None, "1")
+
+    with pytest.raises(RuntimeError), transaction(db):
+        with write(db):
+            kv.put(db, "rolled_back", "1")
+        raise RuntimeError("caller fails")
+    assert kv.get(db, "rolled_back") is None
 
 
 def test_window_summary_names_the_time_once(tmp_path: Path, db: sqlite_utils.Database) -> None:
@@ -372,7 +396,7 @@ def test_window_summary_names_the_time_once(tmp_path: Path, db: sqlite_utils.Dat
         trigger={"name": "window", "cron": "0 2 * * *", "duration": "3h", "timezone": "UTC"},
     )
     add_doc(db, "a", [700])
-    out = engine.explain_next(cfg, db, now=T0, tz=UTC)
+    out = decisions.explain_next(cfg, db, now=T0, tz=UTC)
     assert out["summary"] == "next stage when in the maintenance window (tomorrow at 02:00)"
     assert out["due_at"] == T0 + 14 * H
 
@@ -383,7 +407,8 @@ def test_policies_never_import_torch() -> None:
     import sys
 
     code = (
-        "import sys, policies.engine, policies.schedule, policies.probes, daemon.status;"
+        "import sys, daemon.scheduling.decisions, daemon.scheduling.planning,"
+        " daemon.scheduling.schedule, daemon.scheduling.probes, daemon.status;"
         "from policies.base import names;"
         "[names(k) for k in ('trigger', 'replay', 'promotion', 'selection')];"
         "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules];"

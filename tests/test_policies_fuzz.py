@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from daemon import config as config_mod
 from daemon.config import ConfigError
+from daemon.scheduling.spec import build_all
 from policies.base import TriggerState
-from policies.spec import build_all
 from policies.units import parse_bytes, parse_duration
 
 NOW = 1_795_000_000.0

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from daemon import config as config_mod
-from policies import engine
+from daemon.scheduling import planning
 from store import adapters, documents
 from store.db import open_db, transaction
 
@@ -111,7 +111,7 @@ def test_most_forgotten_picks_largest_loss_rise(tiny_seed_model: Path, tmp_path:
                 db, track="default", path="/inbox/new.txt", content_hash="new", size=1,
                 mtime=0.0, fmt="text", chunks=[documents.ChunkIn(NEW[1], 30, "train")],
             )  # fmt: skip
-        plan = engine.plan_stage(cfg, db)
+        plan = planning.plan_stage(cfg, db)
     finally:
         db.conn.close()
 

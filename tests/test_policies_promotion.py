@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from daemon import config as config_mod
+from daemon.scheduling.planning import gate
 from policies.base import PromotionPolicy, build
-from policies.engine import gate
+from store.contracts import GateVerdict
 
 BASE = {
     "new_loss": 3.0,
@@ -136,6 +137,7 @@ def test_engine_gate_uses_configured_thresholds(tmp_path: Any) -> None:
         }
     )
     result = gate(cfg, GOOD, BASE)
-    assert result["fire"] is False
-    assert result["failed"] == ["eval:qa 60.0 → 58.0 points (-2.0, allowed drop ≤ 1)"]
-    assert gate(config_mod.from_dict({"state_dir": str(tmp_path)}), GOOD, BASE)["fire"] is True
+    assert result.promote is False
+    assert isinstance(result, GateVerdict)
+    assert result.failed == ["eval:qa 60.0 → 58.0 points (-2.0, allowed drop ≤ 1)"]
+    assert gate(config_mod.from_dict({"state_dir": str(tmp_path)}), GOOD, BASE).promote is True

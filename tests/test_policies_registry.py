@@ -1,23 +1,28 @@
 """The registry and config-load validation: duplicates, malformed and unknown names, bad
-parameters, each failing with the exact key path."""
+parameters, each failing with the exact key path; and each policy kind's effective
+default (from an empty config) is its class's default."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from pydantic import Field, ValidationError
 
 from daemon import config as config_mod
 from daemon.cli import main
 from daemon.config import ConfigError
 from policies import base
-from policies.base import Params, param, register
-from policies.replay import Uniform
-from policies.units import positive_int
+from policies.base import register
+from policies.params import ParamError, Params
+from policies.promotion import Gate
+from policies.replay import DEFAULT_RATIO, Uniform
+from policies.selection import HighestLoss
+from policies.trigger_tree import DEFAULT_TREE
+from policies.units import PositiveInt
 
 
 @pytest.fixture
@@ -30,9 +35,8 @@ def cleanup() -> Iterator[list[tuple[str, str]]]:
 
 def test_register_and_get(cleanup: list[tuple[str, str]]) -> None:
     @register("trigger", "always_test")
-    @dataclass
     class Always(Params):
-        k: int = param(positive_int, 1, help="a knob")
+        k: PositiveInt = Field(1, description="a knob")
 
     cleanup.append(("trigger", "always_test"))
     assert base.get("trigger", "always_test") is Always
@@ -40,6 +44,9 @@ def test_register_and_get(cleanup: list[tuple[str, str]]) -> None:
     assert base.describe("trigger", "always_test") == {"k": "a knob"}
     built = base.build("trigger", {"name": "always_test", "k": 3}, "policy.trigger")
     assert built.k == 3
+    with pytest.raises(ParamError) as info:
+        base.build("trigger", {"name": "always_test", "k": 0}, "policy.trigger")
+    assert str(info.value) == "policy.trigger.k: must be a positive integer, got 0"
 
 
 def test_duplicate_is_rejected() -> None:
@@ -71,8 +78,10 @@ def test_unknown_name_lookup() -> None:
 
 
 def test_direct_construction_runs_the_same_checks() -> None:
-    with pytest.raises(ConfigError, match="ratio: must be a non-negative number, got -1"):
+    with pytest.raises(ValidationError, match="must be a non-negative number, got -1"):
         Uniform(ratio=-1)
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        Uniform(ratio=1, half_life=2)  # type: ignore[call-arg]
 
 
 # Each case: the policy section (as in TOML), the key path, and the problem text.
@@ -199,12 +208,48 @@ def test_config_check_command_names_the_key(tmp_path: Path) -> None:
     assert "policy.trigger.all[1].any[0].n: must be a positive integer, got 0" in result.output
 
 
-def test_validator_registered_once() -> None:
-    from policies import spec
+def test_effective_defaults_are_the_policy_classes_defaults(tmp_path: Path) -> None:
+    """One home per default: an empty config shows exactly what the classes declare."""
+    pc = config_mod.from_dict({"state_dir": str(tmp_path)}).policy
+    assert pc.replay == {"name": "uniform", "ratio": DEFAULT_RATIO}
+    assert Uniform().ratio == DEFAULT_RATIO == 2.0
+    assert pc.promotion == {"name": "gate", **Gate().model_dump()}
+    assert pc.promotion["max_eval_drop_points"] == 5.0
+    assert pc.selection == {"name": "highest_loss", **HighestLoss().model_dump()}
+    assert pc.trigger == DEFAULT_TREE
+    for kind in ("replay", "promotion", "selection"):
+        assert base.default_name(kind) == getattr(pc, kind)["name"]
 
-    config_mod.from_dict({})
-    config_mod.from_dict({})
-    assert config_mod._validators.count(spec.validate) == 1
+
+def test_section_without_name_is_the_default_policy_with_overrides(tmp_path: Path) -> None:
+    pc = config_mod.from_dict(
+        {"state_dir": str(tmp_path), "policy": {"promotion": {"max_eval_drop_points": 2}}}
+    ).policy
+    assert pc.promotion == {"name": "gate", **Gate(max_eval_drop_points=2).model_dump()}
+    named = config_mod.from_dict(
+        {"state_dir": str(tmp_path), "policy": {"replay": {"name": "recency"}}}
+    ).policy
+    assert named.replay == {"name": "recency", "ratio": DEFAULT_RATIO, "half_life": 2.0}
+
+
+def test_config_show_prints_the_class_defaults(tmp_path: Path) -> None:
+    """`evergreen config show` with no config prints replay ratio 2.0 and the gate's
+    thresholds (they used to be declared twice, and disagreed)."""
+    env = {"EVERGREEN_CONFIG": "", "EVERGREEN_STATE_DIR": str(tmp_path)}
+    shown = CliRunner().invoke(main, ["config", "show"], env=env)
+    assert shown.exit_code == 0, shown.output
+    assert 'replay = { name = "uniform", ratio = 2.0 }' in shown.stdout
+    assert "max_retention_regression = 0.05" in shown.stdout
+
+
+def test_a_second_default_is_rejected(cleanup: list[tuple[str, str]]) -> None:
+    with pytest.raises(ValueError, match="replay already has a default policy 'uniform'"):
+
+        @register("replay", "other_test", default=True)
+        class Other(Uniform):
+            pass
+
+    cleanup.append(("replay", "other_test"))
 
 
 @pytest.mark.parametrize("kind", ["trigger", "replay", "selection"])

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES
 
-from policies.schedule import JOB_ID, build_scheduler, kick
+from daemon.scheduling.schedule import JOB_ID, build_scheduler, kick
 
 
 def test_missed_runs_coalesce_into_one() -> None:
@@ -91,7 +91,7 @@ def test_rejects_bad_interval() -> None:
 
 
 def test_start_scheduler_is_the_daemons_entry_point() -> None:
-    from policies.schedule import start_scheduler
+    from daemon.scheduling.schedule import start_scheduler
 
     ran = threading.Event()
     sched = start_scheduler(ran.set, 30)

@@ -1,6 +1,6 @@
 """Writing a stage's plan: everything the stage subprocess needs, decided up front.
 
-Data selection comes from the policies (:func:`policies.engine.plan_stage`); this module
+Data selection comes from the policies (:func:`daemon.scheduling.planning.plan_stage`); this module
 adds the rest (base model, parent adapter, hyper-parameters, output version, evaluation
 sets, data hashes) and writes it with :func:`store.stages.create`. Torch-free: it runs
 in the daemon process.
@@ -8,7 +8,6 @@ in the daemon process.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import random
@@ -88,7 +87,7 @@ def score_ids(db: sqlite_utils.Database, track: str, exclude: set[int]) -> list[
 
 
 def build_plan(cfg: Config, db: sqlite_utils.Database, selection: dict[str, Any]) -> dict[str, Any]:
-    """The full plan for ``selection`` (the output of ``policies.engine.plan_stage``)."""
+    """The full plan for ``selection`` (the output of ``daemon.scheduling.planning.plan_stage``)."""
     base = cfg.resolved_base_model()
     if not (base / "config.json").is_file():
         raise PlanError(f"base model {base} is missing (run `evergreen seed-model`)")
@@ -107,7 +106,7 @@ def build_plan(cfg: Config, db: sqlite_utils.Database, selection: dict[str, Any]
     new_ids = [int(i) for i in selection["new_chunk_ids"]]
     replay_ids = [int(i) for i in selection.get("replay_chunk_ids", [])]
     version = adapters.next_version(db)
-    hp = dataclasses.asdict(cfg.training)
+    hp = cfg.training.model_dump()
     return {
         **selection,
         "track": cfg.track,
@@ -138,9 +137,9 @@ def build_plan(cfg: Config, db: sqlite_utils.Database, selection: dict[str, Any]
 
 def write_plan(cfg: Config, db: sqlite_utils.Database) -> int | None:
     """Plan the next stage and write it to the store; None when nothing is pending."""
-    from policies import engine
+    from daemon.scheduling import planning
 
-    selection = engine.plan_stage(cfg, db)
+    selection = planning.plan_stage(cfg, db)
     if selection is None or not selection.get("new_chunk_ids"):
         return None
     plan = build_plan(cfg, db, selection)

@@ -193,11 +193,12 @@ def _result(row: dict[str, Any], status: str, reason: str, **extra: Any) -> dict
 def _gate(
     cfg: Config, db: sqlite_utils.Database, row: dict[str, Any], swap: SwapFn | None
 ) -> dict[str, Any]:
-    from policies import engine
+    from daemon.scheduling import planning
 
     stage_id, version = int(row["id"]), row["candidate_version"]
     metrics = row.get("metrics") or {}
-    decision = engine.gate(cfg, metrics.get("candidate", {}), metrics.get("baseline", {}))
+    verdict = planning.gate(cfg, metrics.get("candidate", {}), metrics.get("baseline", {}))
+    decision = {**verdict.to_dict(), "fire": verdict.promote}
     reasons = decision.get("reasons") or []
     summary = str(decision.get("summary") or "; ".join(map(str, reasons)))
     if not decision.get("fire"):
@@ -205,7 +206,7 @@ def _gate(
             adapters.set_status(db, version, adapters.REJECTED)
             stages.set_status(db, stage_id, stages.REJECTED, reason=summary)
         with contextlib.suppress(AttributeError):
-            engine.after_reject(cfg, db, stage_id)
+            planning.after_reject(cfg, db, stage_id)
         return _result(stages.get(db, stage_id) or row, stages.REJECTED, summary, gate=decision)
     reason = f"stage {stage_id} passed the gate: {summary}"
     return promote_stage(cfg, db, stage_id, reason, swap=swap, summary=summary, gate=decision)

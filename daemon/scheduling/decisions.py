@@ -1,5 +1,5 @@
-"""Glue between the store and the policies: explain the next decision, plan a stage, gate,
-and decide what happens to a rejected stage's data.
+"""Glue between the store and the trigger policy: snapshot the store, explain the next
+decision, and record decisions and downtime (planning a stage is :mod:`.planning`).
 
 The daemon calls these; none of them imports torch. Anything that needs a model (losses
 for ``surprise``, ``most_forgotten`` and ``highest_loss``) is read from ``chunk_scores``,
@@ -19,24 +19,20 @@ import hashlib
 import json
 import logging
 import math
-import random
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import datetime, tzinfo
 from typing import Any
 
 import sqlite_utils
 
 from daemon.config import Config
-from policies import probes
-from policies.base import Decision, ReplayCandidate, TriggerState
-from policies.selection import PendingChunk
-from policies.spec import build_all
-from policies.triggers import uses
-from policies.units import fmt_clock, fmt_int
+from daemon.scheduling import probes
+from daemon.scheduling.spec import build_all, write
+from policies.base import Decision, TriggerState
+from policies.trigger_tree import uses
+from policies.units import fmt_clock
 from store import adapters, documents, events, kv, stages
-from store.db import transaction
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +40,6 @@ log = logging.getLogger(__name__)
 GAP_MIN_S = 90.0
 GAP_INTERVALS = 3.0
 EVENT_KIND = "policy.decision"
-REJECT_EVENT_KIND = "policy.rejected_data"
 
 
 def _local_tz() -> tzinfo:
@@ -52,17 +47,6 @@ def _local_tz() -> tzinfo:
     tz = datetime.now().astimezone().tzinfo
     assert tz is not None
     return tz
-
-
-@contextmanager
-def _tx(db: sqlite_utils.Database) -> Iterator[None]:
-    """A write transaction, or the caller's if it already holds one (so the runner may
-    call :func:`after_reject` inside its own transaction)."""
-    if db.conn.in_transaction:
-        yield
-        return
-    with transaction(db):
-        yield
 
 
 def _kv_key(name: str, track: str) -> str:
@@ -185,7 +169,7 @@ def explain_next(
     now = time.time() if now is None else now
     pol = build_all(cfg)
     if record:
-        with _tx(db):
+        with write(db):
             _record_tick(cfg, db, now)
     state = build_state(
         cfg,
@@ -278,7 +262,7 @@ def _record_decision(
     kind = "running" if state.stage_running else ("empty" if blocked else "")
     sig = _signature(result["fire"], kind, decision)
     key = _kv_key("decision_sig", cfg.track)
-    with _tx(db):
+    with write(db):
         if kv.get(db, key) == sig:
             return
         kv.put(db, key, sig)
@@ -291,173 +275,3 @@ def _record_decision(
         )
     result["recorded"] = True
     log.info("policy decision: %s", result["summary"])
-
-
-def plan_stage(
-    cfg: Config, db: sqlite_utils.Database, *, rng: random.Random | None = None
-) -> dict[str, Any] | None:
-    """Choose the new and replay chunks for the next stage; None when nothing is pending.
-
-    New data: the selection policy under its token budget (highest loss first). Replay:
-    the replay policy at ``ratio × new tokens``. Holdout: the pending holdout chunks of
-    the documents selected. Returns ``new_chunk_ids``, ``replay_chunk_ids``,
-    ``holdout_chunk_ids``, ``reasons``, ``parent_version`` and the token counts.
-    """
-    rng = rng or random.Random(cfg.training.seed)
-    track = cfg.track
-    pol = build_all(cfg)
-    current = adapters.current(db, track)
-    pending = documents.pending_chunk_facts(db, track, split="train")
-    if not pending:
-        return None
-    sel = pol.selection.plan(_pending_candidates(db, current, pending), rng)
-    chosen = set(sel.chunk_ids)
-    docs = {int(c["document_id"]) for c in pending if int(c["id"]) in chosen}
-    holdout = [
-        int(c["id"])
-        for c in documents.pending_chunk_facts(db, track, split="holdout")
-        if int(c["document_id"]) in docs
-    ]
-    candidates = [c for c in replay_candidates(db, track, current) if c.chunk_id not in chosen]
-    budget = pol.replay.budget(sel.tokens)
-    rep = pol.replay.plan(candidates, budget, rng)
-    return {
-        "new_chunk_ids": sel.chunk_ids,
-        "replay_chunk_ids": rep.chunk_ids,
-        "holdout_chunk_ids": holdout,
-        "reasons": sel.reasons + rep.reasons,
-        "parent_version": current,
-        "new_tokens": sel.tokens,
-        "replay_tokens": rep.tokens,
-        "replay_budget_tokens": budget,
-        "selection_policy": str(getattr(pol.selection, "policy_name", "")),
-        "replay_policy": str(getattr(pol.replay, "policy_name", "")),
-    }
-
-
-def _pending_candidates(
-    db: sqlite_utils.Database, current: str | None, pending: list[dict[str, Any]]
-) -> list[PendingChunk]:
-    loss = documents.scores(db, current, [int(c["id"]) for c in pending])
-    return [
-        PendingChunk(
-            chunk_id=int(c["id"]),
-            n_tokens=int(c["n_tokens"]),
-            created_at=float(c["created_at"]),
-            loss=loss.get(int(c["id"])),
-            attempts=int(c.get("attempts") or 0),
-        )
-        for c in pending
-    ]
-
-
-def replay_candidates(
-    db: sqlite_utils.Database, track: str, current: str | None
-) -> list[ReplayCandidate]:
-    """The replay buffer as policy candidates, with losses learned and under ``current``."""
-    rows = documents.replay_rows(db, track)
-    current_loss = documents.scores(db, current, [int(r["chunk_id"]) for r in rows])
-    return [
-        ReplayCandidate(
-            chunk_id=int(r["chunk_id"]),
-            n_tokens=int(r["n_tokens"]),
-            stage_id=r["stage_id"],
-            added_at=float(r["added_at"]),
-            source=str(r.get("path") or r.get("document_id")),
-            learned_loss=r.get("learned_loss"),
-            current_loss=current_loss.get(int(r["chunk_id"])),
-        )
-        for r in rows
-    ]
-
-
-def gate(cfg: Config, candidate: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
-    """Promotion gate: ``{"fire": promote?, "reasons": [...], "failed": [...], "summary"}``."""
-    decision = build_all(cfg).promotion.decide(candidate, baseline)
-    return {
-        "fire": decision.fire,
-        "reasons": decision.reasons,
-        "failed": decision.data.get("failed", []),
-        "summary": decision.summary,
-    }
-
-
-def after_reject(
-    cfg: Config, db: sqlite_utils.Database, stage: dict[str, Any] | int
-) -> dict[str, Any]:
-    """What happens to a rejected stage's new data (call once per rejected stage).
-
-    Nothing is deleted. Each still-pending new chunk gets one more ``attempts``; with
-    ``policy.on_reject = "retry"`` it stays pending (a later stage retries it) until it
-    has been rejected more than ``policy.max_retries`` times, then it is set aside
-    (status ``dropped``); with ``"drop"`` it is set aside at once. Replay chunks are old,
-    already-learned data and are untouched. Returns the ids retried and set aside.
-    """
-    row = stages.get(db, stage) if isinstance(stage, int) else stage
-    if row is None:
-        raise KeyError(f"no stage {stage!r}")
-    plan = row.get("plan") or {}
-    if isinstance(plan, str):
-        plan = json.loads(plan or "{}")
-    new_ids = [int(i) for i in plan.get("new_chunk_ids", [])]
-    pc = cfg.policy
-    with _tx(db):
-        attempts = documents.bump_attempts(db, new_ids)
-        if pc.on_reject == "drop":
-            aside = sorted(attempts)
-        else:
-            aside = sorted(cid for cid, n in attempts.items() if n > pc.max_retries)
-        documents.set_aside(db, aside)
-        retry = sorted(set(attempts) - set(aside))
-        why = (
-            "policy.on_reject = drop"
-            if pc.on_reject == "drop"
-            else f"after more than {pc.max_retries} rejected attempts"
-        )
-        message = (
-            f"stage {row['id']} rejected: {fmt_int(len(retry))} new chunks stay pending for"
-            f" retry, {fmt_int(len(aside))} set aside ({why})"
-        )
-        events.record(
-            db,
-            REJECT_EVENT_KIND,
-            message,
-            subject=str(row["id"]),
-            track=str(row.get("track") or cfg.track),
-            data={"retry": len(retry), "set_aside": aside[:1000]},
-        )
-    return {"retry": retry, "set_aside": aside, "message": message}
-
-
-def scoring_needs(cfg: Config, db: sqlite_utils.Database, *, limit: int = 5000) -> dict[str, Any]:
-    """Which chunks the scorer subprocess should score next, for the configured policies.
-
-    Returns ``adapter_version`` (the current one; '' = base model) and ``chunk_ids`` not
-    yet scored under it, most useful first: pending train chunks (``highest_loss``
-    selection and ``surprise``), holdout of learned documents (``surprise``), replay
-    buffer chunks (``most_forgotten``). Empty when no configured policy reads scores, so
-    a deployment that does not use them never pays for a scorer run.
-    """
-    track = cfg.track
-    current = adapters.current(db, track)
-    pol = build_all(cfg)
-    surprise = uses(cfg.policy.trigger, "surprise")
-    wanted: list[tuple[str, list[int]]] = []
-    if surprise or getattr(pol.selection, "policy_name", "") == "highest_loss":
-        wanted.append(("pending", [int(c["id"]) for c in documents.pending_chunk_facts(db, track)]))
-    if surprise:
-        wanted.append(
-            ("learned holdout", [int(r["id"]) for r in documents.learned_holdout(db, track)])
-        )
-    if getattr(pol.replay, "policy_name", "") == "most_forgotten":
-        wanted.append(("replay", [int(r["chunk_id"]) for r in documents.replay_rows(db, track)]))
-    out: list[int] = []
-    reasons: list[str] = []
-    seen: set[int] = set()
-    for label, ids in wanted:
-        have = documents.scores(db, current, ids)
-        missing = [i for i in ids if i not in have and i not in seen]
-        seen.update(missing)
-        reasons.append(f"{label}: {len(missing)} of {len(ids)} chunks unscored")
-        out.extend(missing)
-    return {"adapter_version": current or "", "chunk_ids": out[:limit], "reasons": reasons}

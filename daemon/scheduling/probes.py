@@ -1,6 +1,6 @@
 """The only I/O the trigger policies depend on: vLLM load and free memory.
 
-Kept apart from the policies so those stay pure: :mod:`policies.engine` calls these (only
+Kept apart from the policies so those stay pure: :mod:`daemon.scheduling.decisions` calls these (only
 when the configured tree uses ``serving_load`` / ``resources``) and puts the numbers in
 the :class:`~policies.base.TriggerState`. Short timeouts: a hung vLLM must not stall the
 scheduler tick, and an unreachable endpoint is reported as ``None``, not raised.
