@@ -281,8 +281,9 @@ def test_real_prometheus_scrapes_the_daemon(
         return list(body["data"]["result"])
 
     def running() -> bool:
-        assert daemon.poll() is None, f"daemon exited ({daemon.returncode})"
-        assert prom.poll() is None, f"prometheus exited ({prom.returncode})"
+        for proc, log in ((daemon, daemon_log), (prom, prom_log)):
+            tail = log.read_text(errors="replace")[-3000:]
+            assert proc.poll() is None, f"{log.stem} exited ({proc.returncode}):\n{tail}"
         return True
 
     # The target is up and the daemon's own series arrived through the scrape.
