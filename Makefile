@@ -16,6 +16,7 @@ run: install
 
 test: install
 	bash scripts/ensure-systemd-analyze.sh
+	bash scripts/ensure-prometheus.sh
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy daemon policies store
 	$(PY) -m pytest
