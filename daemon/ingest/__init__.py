@@ -7,7 +7,8 @@ quarantined) and ``watcher`` feeds it from the inbox. Bad input never raises out
 it becomes a quarantined document with a reason.
 """
 
-from daemon.ingest.pipeline import Ingester, Outcome, ingest_paths
+from daemon.ingest.outcome import Outcome
+from daemon.ingest.pipeline import Ingester, ingest_paths
 from daemon.ingest.watcher import InboxWatcher
 
 __all__ = ["InboxWatcher", "Ingester", "Outcome", "ingest_paths"]
