@@ -22,7 +22,7 @@ from typing import Any
 import sqlite_utils
 
 from daemon.config import Config
-from daemon.ingest import parsers
+from daemon.ingest import parsers, reading
 from daemon.ingest.chunking import Chunker, load_tokenizer
 from daemon.ingest.clean import clean_segments
 from daemon.ingest.discover import inside, path_key
@@ -97,12 +97,12 @@ class Preparer:
         return prepared
 
     def _prepare(self, path: str, root: str | None) -> Prepared:
-        st = self._stat(path, root)
+        st, is_link = self._stat(path, root)
         prev = files.file_row(self.db, path_key(path))
         if same_stat(prev, st.st_size, st.st_mtime):
             return Prepared(path, size=st.st_size, mtime=st.st_mtime, skip=UNCHANGED)
         fmt, suffix = self._check(path, st)
-        data = self._read(path, st)
+        data, st = self._read(path, root, st, is_link=is_link)
         prepared = Prepared(path, size=len(data), mtime=st.st_mtime, fmt=fmt)
         try:
             prepared.chunks, prepared.content_hash = self._process(data, suffix)
@@ -111,15 +111,20 @@ class Preparer:
             prepared.content_hash = "quarantine:" + hashlib.sha256(data).hexdigest()
         return prepared
 
-    def _stat(self, path: str, root: str | None) -> os.stat_result:
-        """The stat of what ``path`` names, after the symlink rules; ends early otherwise."""
+    def _stat(self, path: str, root: str | None) -> tuple[os.stat_result, bool]:
+        """``(stat, is_link)`` of what ``path`` names, after the symlink rules.
+
+        A link whose target is outside ``root`` is refused here already, unread; the file
+        actually opened is checked again by :func:`reading.open_checked`.
+        """
         try:
             st = os.lstat(path)
         except FileNotFoundError:
             raise _Done(Prepared(path, skip=IGNORED)) from None
         except OSError as exc:
             raise Quarantine(parsers.UNREADABLE, exc.strerror or str(exc)) from None
-        if stat_mod.S_ISLNK(st.st_mode):
+        is_link = stat_mod.S_ISLNK(st.st_mode)
+        if is_link:
             if not self.cfg.ingest.follow_symlinks:
                 raise _Done(Prepared(path, skip=IGNORED))
             target = os.path.realpath(path)
@@ -134,7 +139,7 @@ class Preparer:
                 ) from None
         if stat_mod.S_ISDIR(st.st_mode):
             raise _Done(Prepared(path, skip=IGNORED))
-        return st
+        return st, is_link
 
     def _check(self, path: str, st: os.stat_result) -> tuple[str, str]:
         """``(format, suffix)`` of a file worth reading; ends early with its quarantine."""
@@ -151,19 +156,31 @@ class Preparer:
             raise _Done(quarantined_unread(path, st, parsers.TOO_LARGE, detail))
         return fmt, suffix
 
-    def _read(self, path: str, st: os.stat_result) -> bytes:
-        """The file's bytes, at most ``max_file_bytes`` (a file that grew is refused)."""
+    def _read(
+        self, path: str, root: str | None, st: os.stat_result, *, is_link: bool
+    ) -> tuple[bytes, os.stat_result]:
+        """The bytes of the file opened once, and that descriptor's stat.
+
+        At most ``max_file_bytes`` are read (a file that grew since the stat is refused).
+        A refusal names the stat taken before the open, so the next change of the name
+        is read again.
+        """
         limit = self.cfg.ingest.max_file_bytes
         try:
-            with open(path, "rb") as fh:
-                data = fh.read(limit + 1)
+            fd, st_fd = reading.open_checked(path, root, is_link=is_link)
+        except Quarantine as q:
+            raise _Done(quarantined_unread(path, st, q.reason, q.detail)) from None
+        try:
+            data = reading.read_fd(fd, limit)
         except OSError as exc:
             detail = exc.strerror or ""
             raise _Done(quarantined_unread(path, st, parsers.UNREADABLE, detail)) from None
+        finally:
+            os.close(fd)
         if len(data) > limit:  # grew after the stat
             detail = f"more than max_file_bytes {limit}"
             raise _Done(quarantined_unread(path, st, parsers.TOO_LARGE, detail))
-        return data
+        return data, st_fd
 
     def _process(self, data: bytes, suffix: str) -> tuple[list[ChunkIn], str]:
         """Parse, clean and chunk; the content hash of what the chunks say."""
