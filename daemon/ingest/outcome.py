@@ -55,11 +55,6 @@ class Prepared:
     quarantine: Quarantine | None = None
     skip: str | None = None  # unchanged | ignored: nothing to write
 
-    @property
-    def text_bytes(self) -> int:
-        """Bytes of chunk text this file holds in memory until it is committed."""
-        return sum(len(c.text) for c in self.chunks)
-
 
 class Summary:
     """Accumulates outcomes into the dict ``ingest_paths`` and ``on_change`` report."""

@@ -33,6 +33,12 @@ log = logging.getLogger("evergreen.ingest")
 
 INGEST_CACHE_MIB = 64  # SQLite page cache of a bulk ingest: index pages stay hot
 
+# A batch is committed once it holds this many bytes of files, whatever ``batch_size``
+# says: prepared files stay in memory until their commit, so 256 large files would
+# otherwise be held at once, and a huge file is committed on its own rather than making
+# the small files prepared before it wait (a config key would belong in daemon.config).
+MAX_BATCH_BYTES = 32 * 1024 * 1024
+
 
 class Ingester:
     """Turns files into store rows; one instance per DB connection (and thread).
@@ -60,15 +66,28 @@ class Ingester:
     def ingest_many(
         self, items: Iterable[tuple[str, str | None]], batch_size: int | None = None
     ) -> list[Outcome]:
-        """Ingest ``(path, root)`` pairs, ``batch_size`` files per transaction."""
+        """Ingest ``(path, root)`` pairs in order, one transaction per batch.
+
+        A batch ends at ``batch_size`` files or :data:`MAX_BATCH_BYTES` bytes of files,
+        whichever comes first; a file larger than the byte bound is a batch of its own.
+        """
         size = batch_size or self.cfg.ingest.batch_size
         out: list[Outcome] = []
         batch: list[Prepared] = []
+        held = 0
         for path, root in items:
-            batch.append(self.prepare(path, root))
-            if len(batch) >= size:
+            if batch and held + _size_on_disk(path) > MAX_BATCH_BYTES:
+                out.extend(self.commit(batch))  # before the big file is even read
+                batch, held = [], 0
+            prepared = self.prepare(path, root)
+            if batch and held + prepared.size > MAX_BATCH_BYTES:  # it grew meanwhile
                 out.extend(self.commit(batch))
-                batch = []
+                batch, held = [], 0
+            batch.append(prepared)
+            held += prepared.size
+            if len(batch) >= size or held >= MAX_BATCH_BYTES:
+                out.extend(self.commit(batch))
+                batch, held = [], 0
         if batch:
             out.extend(self.commit(batch))
         return out
@@ -98,6 +117,14 @@ class Ingester:
             self.on_outcome(o.outcome, o.reason)
         except Exception:
             log.exception("on_outcome callback failed")
+
+
+def _size_on_disk(path: str) -> int:
+    """A file's size now (0 when it cannot be stat'ed: prepare will say why)."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
 
 
 def ingest_paths(

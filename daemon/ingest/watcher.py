@@ -320,7 +320,7 @@ class InboxWatcher:
             size = self.cfg.ingest.batch_size
             for start in range(0, len(due), size):
                 part = due[start : start + size]
-                outcomes = ingester.commit([ingester.prepare(p, self.inbox) for p, _ in part])
+                outcomes = ingester.ingest_many([(p, self.inbox) for p, _ in part], size)
                 for path, gen in part:
                     self._pending.done(path, gen)
                 batch = Summary()
