@@ -5,6 +5,6 @@ functions in :mod:`store.documents`, :mod:`store.stages`, :mod:`store.adapters` 
 :mod:`store.events` to read and write it.
 """
 
-from store.db import open_db, transaction
+from store.db import open_db, savepoint, transaction
 
-__all__ = ["open_db", "transaction"]
+__all__ = ["open_db", "savepoint", "transaction"]

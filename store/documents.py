@@ -1,28 +1,25 @@
-"""Documents, the files they came from, their chunks, and the replay buffer.
+"""Documents, their chunks, chunk scores and the replay buffer.
 
-A *document* is one distinct content (unique per track by content hash); a *file* row
-remembers each path and the stat it had, so a rescan skips unchanged files without reading
-them and the same content under two names is stored once. Chunks are what training reads.
+A *document* is one distinct content (unique per track by content hash), so the same
+content under two names is stored once; the paths that carry it live in
+:mod:`store.files`. Chunks are what training reads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import sqlite_utils
 
-from store import kv
+from store import files, kv
 
 # Document statuses.
 INGESTED, TRAINED, SUPERSEDED, QUARANTINED = "ingested", "trained", "superseded", "quarantined"
-# File statuses (a file that repeats another file's content is a 'duplicate').
-DUPLICATE = "duplicate"
-# A path that is no longer on disk (deleted or renamed away); its document is kept.
-GONE = "gone"
 # Chunk statuses.
 PENDING, DROPPED = "pending", "dropped"
 
@@ -37,81 +34,21 @@ class ChunkIn:
     kind: str = "text"  # text | chat
 
 
-def file_row(db: sqlite_utils.Database, path: str) -> dict[str, Any] | None:
-    cur = db.conn.execute("SELECT * FROM files WHERE path = ?", (path,))
-    row = cur.fetchone()
-    if row is None:
-        return None
-    return dict(zip([c[0] for c in cur.description], row, strict=True))
-
-
-def upsert_file(
-    db: sqlite_utils.Database,
-    path: str,
-    *,
-    track: str,
-    size: int,
-    mtime: float,
-    content_hash: str | None,
-    document_id: int | None,
-    status: str,
-    error: str | None = None,
-) -> None:
-    db.conn.execute(
-        "INSERT INTO files (path, track, size, mtime, content_hash, document_id, status, error,"
-        " seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET"
-        " track=excluded.track, size=excluded.size, mtime=excluded.mtime,"
-        " content_hash=excluded.content_hash, document_id=excluded.document_id,"
-        " status=excluded.status, error=excluded.error, seen_at=excluded.seen_at",
-        (path, track, size, mtime, content_hash, document_id, status, error, time.time()),
-    )
-
-
-def mark_files_gone(db: sqlite_utils.Database, paths: Iterable[str]) -> int:
-    """Paths no longer on disk stop counting as carriers of their document.
-
-    Without this a deleted path would keep "carrying" its content, and a new version that
-    arrives under another path could never supersede it. The document itself stays:
-    cleaning up the inbox does not un-learn anything. Returns rows changed.
-    """
-    now = time.time()
-    changed = 0
-    for path in paths:
-        cur = db.conn.execute(
-            "UPDATE files SET status = ?, seen_at = ? WHERE path = ? AND status != ?",
-            (GONE, now, path, GONE),
-        )
-        changed += cur.rowcount
-    return changed
-
-
-def rename_file(db: sqlite_utils.Database, old: str, new: str) -> bool:
-    """A file renamed inside the inbox keeps its history under the new path.
-
-    So editing it after the rename supersedes its old content, as an edit in place would.
-    Skipped (False) when the new path already has a live row of its own.
-    """
-    row = db.conn.execute("SELECT status FROM files WHERE path = ?", (new,)).fetchone()
-    if row is not None and row[0] != GONE:
-        return False
-    if row is not None:
-        db.conn.execute("DELETE FROM files WHERE path = ?", (new,))
-    cur = db.conn.execute(
-        "UPDATE files SET path = ?, seen_at = ? WHERE path = ? AND status != ?",
-        (new, time.time(), old, GONE),
-    )
-    return cur.rowcount > 0
-
-
 def document_by_hash(
     db: sqlite_utils.Database, track: str, content_hash: str
 ) -> dict[str, Any] | None:
-    cur = db.conn.execute(
-        "SELECT id, status FROM documents WHERE track = ? AND content_hash = ?",
+    """``{"id", "status", "error"}`` of the document with this content, or None."""
+    row = db.conn.execute(
+        "SELECT id, status, error FROM documents WHERE track = ? AND content_hash = ?",
         (track, content_hash),
-    )
-    row = cur.fetchone()
-    return {"id": row[0], "status": row[1]} if row else None
+    ).fetchone()
+    return {"id": int(row[0]), "status": row[1], "error": row[2]} if row else None
+
+
+def document_status(db: sqlite_utils.Database, doc_id: int) -> str | None:
+    """The status of document ``doc_id``, or None when there is no such document."""
+    row = db.conn.execute("SELECT status FROM documents WHERE id = ?", (doc_id,)).fetchone()
+    return str(row[0]) if row else None
 
 
 def insert_document(
@@ -187,25 +124,13 @@ def supersede_document(db: sqlite_utils.Database, doc_id: int) -> None:
     db.conn.execute("UPDATE chunks SET status = ? WHERE document_id = ?", (SUPERSEDED, doc_id))
 
 
-def other_files_of(db: sqlite_utils.Database, doc_id: int, path: str) -> int:
-    """How many other paths still carry this document's content."""
-    row = db.conn.execute(
-        "SELECT COUNT(*) FROM files WHERE document_id = ? AND path != ? AND status IN (?, ?)",
-        (doc_id, path, INGESTED, DUPLICATE),
-    ).fetchone()
-    return int(row[0])
-
-
 def status_counts(db: sqlite_utils.Database, track: str) -> dict[str, int]:
     rows = db.conn.execute(
         "SELECT status, COUNT(*) FROM documents WHERE track = ? GROUP BY status", (track,)
     ).fetchall()
     counts = {INGESTED: 0, TRAINED: 0, SUPERSEDED: 0, QUARANTINED: 0}
     counts.update({r[0]: int(r[1]) for r in rows})
-    dup = db.conn.execute(
-        "SELECT COUNT(*) FROM files WHERE track = ? AND status = ?", (track, DUPLICATE)
-    ).fetchone()
-    counts[DUPLICATE] = int(dup[0])
+    counts[files.DUPLICATE] = files.count_with_status(db, track, files.DUPLICATE)
     return counts
 
 
@@ -232,14 +157,34 @@ def pending_tokens(db: sqlite_utils.Database, track: str) -> int:
 
 def chunks_by_ids(db: sqlite_utils.Database, ids: Iterable[int]) -> list[dict[str, Any]]:
     """Chunks in the order of ``ids`` (missing ids are skipped)."""
+    return list(iter_chunks_by_ids(db, ids))
+
+
+def iter_chunks_by_ids(db: sqlite_utils.Database, ids: Iterable[int]) -> Iterator[dict[str, Any]]:
+    """Chunks in the order of ``ids`` (missing ids are skipped), 500 rows in memory at most."""
     ids = list(ids)
-    out: dict[int, dict[str, Any]] = {}
     for start in range(0, len(ids), 500):
         part = ids[start : start + 500]
         marks = ",".join("?" * len(part))
-        for row in db.query(f"SELECT * FROM chunks WHERE id IN ({marks})", part):
-            out[int(row["id"])] = dict(row)
-    return [out[i] for i in ids if i in out]
+        rows = {
+            int(row["id"]): dict(row)
+            for row in db.query(f"SELECT * FROM chunks WHERE id IN ({marks})", part)
+        }
+        yield from (rows[i] for i in part if i in rows)
+
+
+def chunks_sha256(db: sqlite_utils.Database, ids: Iterable[int]) -> str:
+    """SHA-256 over the id, kind and text of chunks ``ids`` in order (missing ids skipped).
+
+    A stage records it for its new and replay data, so a plan names exactly the bytes it
+    trained on. Streams the texts rather than loading a whole stage's chunks at once.
+    """
+    h = hashlib.sha256()
+    for c in iter_chunks_by_ids(db, ids):
+        h.update(f"{c['id']}\x1f{c['kind']}\x1f".encode())
+        h.update(c["text"].encode("utf-8"))
+        h.update(b"\x1e")
+    return h.hexdigest()
 
 
 def pending_chunks(

@@ -56,6 +56,16 @@ def create(
     return stage_id
 
 
+def set_plan(db: sqlite_utils.Database, stage_id: int, plan: dict[str, Any] | str) -> None:
+    """Replace a planned stage's plan (a dict, or JSON already serialised by a contract).
+
+    The planner first creates the row to learn the stage id, then writes the plan again
+    with the paths that name it (``stage_dir``).
+    """
+    raw = plan if isinstance(plan, str) else json.dumps(plan)
+    db.conn.execute("UPDATE stages SET plan = ? WHERE id = ?", (raw, stage_id))
+
+
 def get(db: sqlite_utils.Database, stage_id: int) -> dict[str, Any] | None:
     rows = list(db.query("SELECT * FROM stages WHERE id = ?", [stage_id]))
     return _decode(dict(rows[0])) if rows else None

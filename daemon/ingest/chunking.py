@@ -18,6 +18,7 @@ import bisect
 import hashlib
 import json
 import threading
+from collections.abc import Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,8 @@ class Chunker:
             return len(text.encode("utf-8"))
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
-    def windows(self, text: str) -> list[tuple[int, str]]:
+    def windows(self, text: str) -> Iterable[tuple[int, str]]:
+        """``(n_tokens, text)`` windows of ``text``, in order (lazily with a tokenizer)."""
         if self.tokenizer is None:
             return _byte_windows(text, self.n)
         return _token_windows(text, self.n, self.tokenizer)
@@ -125,22 +127,54 @@ def _byte_windows(text: str, n: int) -> list[tuple[int, str]]:
     return out
 
 
-def _token_windows(text: str, n: int, tokenizer: Any) -> list[tuple[int, str]]:
-    enc = tokenizer.encode(text, add_special_tokens=False)
-    offsets: list[tuple[int, int]] = enc.offsets
+SLICE_CHARS = 1 << 16  # characters encoded at a time: bounds the tokenizer's memory
+
+
+def _token_windows(
+    text: str, n: int, tokenizer: Any, slice_chars: int = SLICE_CHARS
+) -> Iterator[tuple[int, str]]:
+    """Windows of at most ``n`` tokens, produced lazily a slice of the text at a time.
+
+    Encoding a whole document at once holds every token's offsets as Python objects
+    (a 5 MB text cost over 1 GB). Instead a slice of ``slice_chars`` is encoded, windows
+    are cut from its first part, and the slice's last ``2 * n`` tokens are left for the
+    next slice: a token at a slice's edge may change once the text goes on, and a cut
+    looks up to a window ahead. A short text is one slice, cut exactly as before.
+    """
+    pos, length = 0, len(text)
+    span = max(slice_chars, 4 * n)
+    while pos < length:
+        end = min(pos + span, length)
+        part = text[pos:end]
+        offsets: list[tuple[int, int]] = tokenizer.encode(part, add_special_tokens=False).offsets
+        total = len(offsets)
+        if end == length:
+            if pos == 0 and total <= n and text == text.strip():
+                yield (total, text)  # one window, already exact: no re-encode
+                return
+            yield from _slice_windows(part, offsets, n, tokenizer, total)
+            return
+        if total <= 2 * n:  # too few tokens to cut anything safely: take a longer slice
+            span *= 2
+            continue
+        consumed = yield from _slice_windows(part, offsets, n, tokenizer, total - 2 * n)
+        pos += offsets[consumed][0]
+
+
+def _slice_windows(
+    part: str, offsets: list[tuple[int, int]], n: int, tokenizer: Any, limit: int
+) -> Generator[tuple[int, str], None, int]:
+    """Windows of ``part`` starting before token ``limit``; returns the next token index."""
     total = len(offsets)
-    if total <= n and text == text.strip():
-        return [(total, text)] if text else []  # one window, already exact: no re-encode
     starts = [o[0] for o in offsets]
-    out: list[tuple[int, str]] = []
     start = 0
-    while start < total:
+    while start < limit:
         end = min(start + n, total)
         if end < total:
-            end = _best_cut(text, starts, start, end, n)
-        out.extend(_exact_pieces(text, offsets, start, end, n=n, tokenizer=tokenizer))
+            end = _best_cut(part, starts, start, end, n)
+        yield from _exact_pieces(part, offsets, start, end, n=n, tokenizer=tokenizer)
         start = end
-    return out
+    return start
 
 
 def _exact_pieces(

@@ -196,7 +196,10 @@ def parse_jsonl(data: bytes) -> list[Segment]:
     """One segment per record: ``{"text"}``, ``{"messages"}`` or ``{"prompt","completion"}``."""
     text = decode_text(data)
     segments: list[Segment] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines are separated by "\n" only: str.splitlines() would also split on form
+    # feeds, U+2028 and other characters that may sit inside a record's text, and number
+    # the lines differently from every editor.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -14,32 +14,26 @@ inbox costs a wakeup a minute. With no file pending there is no polling at all.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
-import stat as stat_mod
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import sqlite_utils
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from daemon.config import Config
-from daemon.ingest.pipeline import (
-    Ingester,
-    OnOutcome,
-    Summary,
-    is_ignored_name,
-    iter_files,
-    path_key,
-)
-from store import documents
-from store.db import open_db, transaction
+from daemon.ingest import scan
+from daemon.ingest.discover import is_ignored_name
+from daemon.ingest.outcome import OnOutcome, Summary
+from daemon.ingest.pipeline import Ingester
+from daemon.ingest.stability import PendingFiles
+from store.db import Database, open_db
 
 log = logging.getLogger("evergreen.ingest.watcher")
 
@@ -51,14 +45,6 @@ ERROR_BACKOFF_S = 1.0  # pause after an unexpected error in the worker loop
 STOP_TIMEOUT_S = 30.0
 
 OnChange = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class _Pending:
-    changed_at: float  # monotonic time of the last known change
-    closed: bool = False  # a close-write event came after the last change
-    sig: tuple[int, int] | None = None  # (size, mtime_ns) at the last look
-    gen: int = 0  # bumped by every event, so a file changed mid-ingest stays pending
 
 
 class _Handler(FileSystemEventHandler):
@@ -113,8 +99,8 @@ class InboxWatcher:
         self.on_outcome = on_outcome
         self.quiet = cfg.ingest.quiet_period_s
         self.rescan_interval = cfg.ingest.rescan_interval_s
-        self._lock = threading.Lock()
-        self._pending: dict[str, _Pending] = {}
+        self._lock = threading.Lock()  # guards the event queues below
+        self._pending = PendingFiles(self.quiet)
         self._dirs: set[str] = set()
         self._gone: set[tuple[str, bool]] = set()  # (path, is_directory)
         self._moves: list[tuple[str, str, bool]] = []  # (src, dest, is_directory)
@@ -166,8 +152,7 @@ class InboxWatcher:
 
     def pending(self) -> int:
         """Files seen but not yet stable."""
-        with self._lock:
-            return len(self._pending)
+        return len(self._pending)
 
     def rescan(self, timeout: float | None = None) -> dict[str, Any]:
         """Scan the whole inbox now and ingest what is stable; returns the summary.
@@ -183,47 +168,29 @@ class InboxWatcher:
             self._wake.set()
             done.wait(timeout)
             return result
-        db = open_db(self.cfg.db_path)
-        try:
+        with open_db(self.cfg.db_path) as db:
             self._ingester = Ingester(self.cfg, db, on_outcome=self.on_outcome)
-            return self._rescan()
-        finally:
-            self._ingester = None
-            db.conn.close()
+            try:
+                return self._rescan()
+            finally:
+                self._ingester = None
 
     # ------------------------------------------------------------------ event side
     def _touch(self, path: str, *, closed: bool) -> None:
-        if not self._wanted(path):
-            return
-        now = time.monotonic()
-        with self._lock:
-            item = self._pending.get(path)
-            new = item is None
-            if item is None:
-                item = self._pending[path] = _Pending(changed_at=now)
-            if closed:
-                item.closed = True
-            else:
-                item.changed_at, item.closed = now, False
-            # Events are newer news than the last stat: re-baseline, so a size change the
-            # event already explains is not taken for an event-less change later.
-            item.sig = None
-            item.gen += 1
-        # A further write to a pending file only postpones it: no need to wake the worker.
-        if new or closed:
+        if self._wanted(path) and self._pending.touch(path, closed=closed):
             self._wake.set()
 
     def _forget(self, path: str, *, directory: bool = False) -> None:
         """A path (or a whole directory) left the inbox: drop it, and mark it gone later."""
+        self._pending.drop(path)
         with self._lock:
-            self._pending.pop(path, None)
             self._gone.add((path, directory))
         self._wake.set()
 
     def _renamed(self, src: str, dest: str, *, directory: bool = False) -> None:
         """Moved inside the inbox: the history follows the file; moved out: it is gone."""
+        self._pending.drop(src)
         with self._lock:
-            self._pending.pop(src, None)
             if self._wanted(dest):
                 self._moves.append((src, dest, directory))
             else:
@@ -246,32 +213,39 @@ class InboxWatcher:
 
     # ------------------------------------------------------------------ worker side
     def _run(self) -> None:
-        # The worker must never die silently: a store it cannot open yet (locked, disk
-        # full) is retried, and the inbox is only as late as the store is unavailable.
+        db = self._open_store()
+        if db is None:
+            return
+        with db:
+            self._ingester = Ingester(self.cfg, db, on_outcome=self.on_outcome)
+            next_rescan = time.monotonic()  # the startup rescan
+            try:
+                while not self._stop.is_set():
+                    try:
+                        next_rescan = self._step(next_rescan)
+                    except Exception:
+                        log.exception("inbox worker error; retrying in %.0f s", ERROR_BACKOFF_S)
+                        self._stop.wait(ERROR_BACKOFF_S)
+            finally:
+                self._ingester = None
+                self._release_waiters()
+
+    def _open_store(self) -> Database | None:
+        """The worker's connection; None when stopped before the store could be opened.
+
+        The worker must never die silently: a store it cannot open yet (locked, disk
+        full) is retried, and the inbox is only as late as the store is unavailable.
+        """
         while True:
             try:
-                db = open_db(self.cfg.db_path)
-                break
+                return open_db(self.cfg.db_path)
             except Exception:
                 log.exception(
                     "inbox worker cannot open the store; retrying in %.0f s", ERROR_BACKOFF_S
                 )
                 if self._stop.wait(ERROR_BACKOFF_S):
                     self._release_waiters()
-                    return
-        self._ingester = Ingester(self.cfg, db, on_outcome=self.on_outcome)
-        next_rescan = time.monotonic()  # the startup rescan
-        try:
-            while not self._stop.is_set():
-                try:
-                    next_rescan = self._step(next_rescan)
-                except Exception:
-                    log.exception("inbox worker error; retrying in %.0f s", ERROR_BACKOFF_S)
-                    self._stop.wait(ERROR_BACKOFF_S)
-        finally:
-            self._ingester = None
-            db.conn.close()
-            self._release_waiters()
+                    return None
 
     def _release_waiters(self) -> None:
         """Anyone still waiting on rescan() gets an empty answer rather than hanging."""
@@ -280,28 +254,19 @@ class InboxWatcher:
 
     def _step(self, next_rescan: float) -> float:
         """One pass of the worker loop; returns when the next periodic rescan is due."""
-        # Renames and removals first: a rescan must not see a renamed file as new.
-        with self._lock:
-            dirs, self._dirs = self._dirs, set()
-            gone, self._gone = self._gone, set()
-            moves, self._moves = self._moves, []
-        if moves:
-            self._apply_moves(moves)
-        if gone:
-            self._mark_gone(gone)
+        dirs = self._apply_renames_and_removals()
         while not self._requests.empty():
             done, result = self._requests.get_nowait()
             try:
                 result.update(self._rescan())
             finally:
                 done.set()
-        now = time.monotonic()
-        if now >= next_rescan:
+        if time.monotonic() >= next_rescan:
             self._rescan()
             now = time.monotonic()
             next_rescan = now + self.rescan_interval if self.rescan_interval > 0 else float("inf")
         for d in dirs:
-            self._enqueue_scan(d)
+            scan.scan(self._db(), self.cfg.track, d, self._pending)
         next_due = self._ingest_due()
         wait = min(next_due, next_rescan) - time.monotonic()
         wait = min(max(wait, MIN_WAIT_S), MAX_IDLE_WAIT_S)
@@ -312,10 +277,30 @@ class InboxWatcher:
         self._wake.clear()
         return next_rescan
 
+    def _apply_renames_and_removals(self) -> set[str]:
+        """Renames and removals first: a rescan must not see a renamed file as new.
+
+        Returns the new directories to scan.
+        """
+        with self._lock:
+            dirs, self._dirs = self._dirs, set()
+            gone, self._gone = self._gone, set()
+            moves, self._moves = self._moves, []
+        if moves:
+            scan.apply_moves(self._db(), self.cfg.track, moves)
+        if gone:
+            scan.mark_gone(self._db(), self.cfg.track, gone)
+        return dirs
+
+    def _db(self) -> sqlite_utils.Database:
+        """The worker's connection (only the worker, or an inline rescan, uses it)."""
+        assert self._ingester is not None
+        return self._ingester.db
+
     def _rescan(self) -> dict[str, Any]:
         """Queue every new or changed file in the inbox, then ingest the stable ones."""
         started = time.monotonic()
-        found = self._enqueue_scan(self.inbox)
+        found = scan.scan(self._db(), self.cfg.track, self.inbox, self._pending)
         summary = Summary()
         self._ingest_due(summary)
         data = summary.as_dict()
@@ -324,86 +309,10 @@ class InboxWatcher:
         log.debug("rescan: %d new/changed, %.2f s", found, time.monotonic() - started)
         return data
 
-    def _known(self, root: str) -> dict[str, tuple[int, float]]:
-        """Stat of every live (not gone) path the store has under ``root``."""
-        assert self._ingester is not None
-        prefix = root.rstrip(os.sep) + os.sep
-        # Paths under root sort between "root/" and "root0" ('0' follows '/'): a PK range.
-        return {
-            row[0]: (row[1], row[2])
-            for row in self._ingester.db.conn.execute(
-                "SELECT path, size, mtime FROM files WHERE path >= ? AND path < ?"
-                " AND track = ? AND status != ?",
-                (prefix, prefix[:-1] + chr(ord(os.sep) + 1), self.cfg.track, documents.GONE),
-            )
-        }
-
-    def _mark_gone(self, gone: set[tuple[str, bool]]) -> None:
-        """Record paths that left the inbox (re-checked on disk: a save-by-rename puts the
-        path right back), so they stop carrying their document (see mark_files_gone)."""
-        assert self._ingester is not None
-        paths: list[str] = []
-        for path, directory in gone:
-            candidates = list(self._known(path)) if directory else [path_key(path)]
-            paths.extend(p for p in candidates if not os.path.lexists(p))
-        if paths:
-            with transaction(self._ingester.db):
-                n = documents.mark_files_gone(self._ingester.db, paths)
-            if n:
-                log.info("%d file(s) left the inbox (their documents are kept)", n)
-
-    def _apply_moves(self, moves: list[tuple[str, str, bool]]) -> None:
-        """Re-key the store's rows of renamed files (in event order) before they are read."""
-        assert self._ingester is not None
-        db = self._ingester.db
-        with transaction(db):
-            for src, dest, directory in moves:
-                if directory:
-                    pairs = [(p, dest + p[len(src) :]) for p in self._known(src)]
-                else:
-                    pairs = [(path_key(src), path_key(dest))]
-                for old, new in pairs:
-                    if not os.path.lexists(old) and not documents.rename_file(db, old, new):
-                        documents.mark_files_gone(db, [old])  # moved over another file
-
-    def _enqueue_scan(self, root: str) -> int:
-        """Mark files under ``root`` pending unless the store has them with the same stat;
-        paths the store knows that are no longer there are marked gone.
-
-        A file whose mtime is older than the quiet period counts as settled already.
-        """
-        known = self._known(root)
-        walked: set[str] = set()
-        mono, wall = time.monotonic(), time.time()
-        added = 0
-        for path in iter_files(root):
-            key = path_key(path)
-            walked.add(key)
-            try:
-                st = os.lstat(path)
-            except OSError:
-                continue
-            if stat_mod.S_ISLNK(st.st_mode):
-                with contextlib.suppress(OSError):  # a broken link is quarantined later
-                    st = os.stat(path)
-            if known.get(key) == (st.st_size, st.st_mtime):
-                continue
-            age = max(0.0, wall - st.st_mtime)
-            with self._lock:
-                if path not in self._pending:
-                    self._pending[path] = _Pending(
-                        changed_at=mono - age, sig=(st.st_size, st.st_mtime_ns)
-                    )
-                    added += 1
-        missing = known.keys() - walked
-        if missing:
-            self._mark_gone({(p, False) for p in missing})
-        return added
-
     def _ingest_due(self, summary: Summary | None = None) -> float:
         """Ingest every stable pending file; returns when the next one may fall due."""
         while True:
-            due, next_due = self._collect_due()
+            due, next_due = self._pending.collect_due()
             if not due:
                 return next_due
             ingester = self._ingester
@@ -411,12 +320,9 @@ class InboxWatcher:
             size = self.cfg.ingest.batch_size
             for start in range(0, len(due), size):
                 part = due[start : start + size]
-                outcomes = ingester.commit([ingester.prepare(p, self.inbox) for p, _ in part])
-                with self._lock:
-                    for path, gen in part:
-                        item = self._pending.get(path)
-                        if item is not None and item.gen == gen:
-                            del self._pending[path]
+                outcomes = ingester.ingest_many([(p, self.inbox) for p, _ in part], size)
+                for path, gen in part:
+                    self._pending.done(path, gen)
                 batch = Summary()
                 batch.add(outcomes)
                 if summary is not None:
@@ -425,43 +331,6 @@ class InboxWatcher:
                     self._changed(batch.as_dict())
                 if self._stop.is_set():
                     return float("inf")
-
-    def _collect_due(self) -> tuple[list[tuple[str, int]], float]:
-        """Pending files stable now (due), and the next time another one could be.
-
-        Only files due by their event times are stat'ed; a size or mtime that changed
-        without an event (lost events, polling mode) restarts their quiet period.
-        """
-        with self._lock:
-            items = list(self._pending.items())
-        now = time.monotonic()
-        due: list[tuple[str, int]] = []
-        next_due = float("inf")
-        for path, item in items:
-            if not item.closed and now - item.changed_at < self.quiet:
-                next_due = min(next_due, item.changed_at + self.quiet)
-                continue  # not due by its events yet: no stat needed
-            try:
-                st = os.stat(path)
-                sig: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
-            except FileNotFoundError:
-                with self._lock:
-                    if self._pending.get(path) is item:
-                        del self._pending[path]
-                continue
-            except OSError:
-                sig = None  # unreadable: due, the pipeline quarantines it
-            with self._lock:
-                if item.sig is not None and sig is not None and item.sig != sig:
-                    item.changed_at, item.closed = now, False  # changed without an event
-                item.sig = sig
-                stable = item.closed or sig is None or now - item.changed_at >= self.quiet
-                if stable:
-                    due.append((path, item.gen))
-                else:
-                    next_due = min(next_due, item.changed_at + self.quiet)
-        due.sort()
-        return due, next_due
 
     def _changed(self, summary: dict[str, Any]) -> None:
         if self.on_change is None:

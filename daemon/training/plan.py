@@ -9,7 +9,6 @@ in the daemon process.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from pathlib import Path
 from typing import Any
@@ -30,12 +29,8 @@ class PlanError(EvergreenError, RuntimeError):
 
 
 def chunk_hash(db: sqlite_utils.Database, ids: list[int]) -> str:
-    h = hashlib.sha256()
-    for c in documents.chunks_by_ids(db, ids):
-        h.update(f"{c['id']}\x1f{c['kind']}\x1f".encode())
-        h.update(c["text"].encode("utf-8"))
-        h.update(b"\x1e")
-    return h.hexdigest()
+    """The identity of a stage's data (see :func:`store.documents.chunks_sha256`)."""
+    return documents.chunks_sha256(db, ids)
 
 
 def base_model_hash(path: Path) -> str:
@@ -76,7 +71,7 @@ def score_ids(db: sqlite_utils.Database, track: str, exclude: set[int]) -> list[
     """Chunks the stage also scores under its candidate (for replay/selection policies):
     the replay buffer first, then still-pending train chunks, capped."""
     ids = [int(r["chunk_id"]) for r in documents.replay_rows(db, track)]
-    ids += [int(c["id"]) for c in documents.pending_chunks(db, track, split="train")]
+    ids += [int(c["id"]) for c in documents.pending_chunk_facts(db, track, split="train")]
     seen: set[int] = set(exclude)
     out = []
     for i in ids:
@@ -146,5 +141,5 @@ def write_plan(cfg: Config, db: sqlite_utils.Database) -> int | None:
     stage_id = stages.create(db, plan, track=cfg.track, parent_version=plan["parent_version"])
     stage_dir = cfg.stages_dir / str(stage_id)
     plan["stage_dir"] = str(stage_dir)
-    db.conn.execute("UPDATE stages SET plan = ? WHERE id = ?", (json.dumps(plan), stage_id))
+    stages.set_plan(db, stage_id, plan)
     return stage_id

@@ -1,0 +1,121 @@
+"""Which inbox files are still being written, and which are stable enough to ingest.
+
+A file is *pending* from its first event (or from a rescan that found it new or changed)
+until it is ingested. It becomes *due* once a close-write event was seen (the writer is
+done) or its size and mtime have not changed for the quiet period. Only files due by
+their event times are stat'ed, so a burst of writes costs no stat per event; a size or
+mtime that changed without an event (lost events, polling mode) restarts the quiet period.
+
+Thread-safe: the watchdog observer thread marks files, the inbox worker collects them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class _Pending:
+    changed_at: float  # monotonic time of the last known change
+    closed: bool = False  # a close-write event came after the last change
+    sig: tuple[int, int] | None = None  # (size, mtime_ns) at the last look
+    gen: int = 0  # bumped by every event, so a file changed mid-ingest stays pending
+
+
+class PendingFiles:
+    """The pending set, keyed by path, with the stability rule of the module docstring."""
+
+    def __init__(self, quiet_s: float) -> None:
+        self.quiet = quiet_s
+        self._lock = threading.Lock()
+        self._items: dict[str, _Pending] = {}
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def touch(self, path: str, *, closed: bool) -> bool:
+        """An event for ``path``. Returns whether the worker should wake up for it.
+
+        A further write to a pending file only postpones it, so only a new file or a
+        close-write needs the worker.
+        """
+        now = time.monotonic()
+        with self._lock:
+            item = self._items.get(path)
+            new = item is None
+            if item is None:
+                item = self._items[path] = _Pending(changed_at=now)
+            if closed:
+                item.closed = True
+            else:
+                item.changed_at, item.closed = now, False
+            # Events are newer news than the last stat: re-baseline, so a size change the
+            # event already explains is not taken for an event-less change later.
+            item.sig = None
+            item.gen += 1
+        return new or closed
+
+    def drop(self, path: str) -> None:
+        """``path`` left the inbox: nothing to ingest there any more."""
+        with self._lock:
+            self._items.pop(path, None)
+
+    def add_found(self, path: str, st: os.stat_result, age_s: float) -> bool:
+        """A rescan found ``path`` new or changed, its mtime ``age_s`` old.
+
+        A file whose mtime is older than the quiet period counts as settled already.
+        Returns whether it was not pending before.
+        """
+        with self._lock:
+            if path in self._items:
+                return False
+            changed_at = time.monotonic() - age_s
+            self._items[path] = _Pending(changed_at=changed_at, sig=(st.st_size, st.st_mtime_ns))
+            return True
+
+    def done(self, path: str, gen: int) -> None:
+        """``path`` was ingested as of event generation ``gen``; newer events keep it."""
+        with self._lock:
+            item = self._items.get(path)
+            if item is not None and item.gen == gen:
+                del self._items[path]
+
+    def collect_due(self) -> tuple[list[tuple[str, int]], float]:
+        """``(path, gen)`` of files stable now (sorted), and when another one could be."""
+        with self._lock:
+            items = list(self._items.items())
+        now = time.monotonic()
+        due: list[tuple[str, int]] = []
+        next_due = float("inf")
+        for path, item in items:
+            if not item.closed and now - item.changed_at < self.quiet:
+                next_due = min(next_due, item.changed_at + self.quiet)
+                continue  # not due by its events yet: no stat needed
+            try:
+                st = os.stat(path)
+                sig: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
+            except FileNotFoundError:
+                with self._lock:
+                    if self._items.get(path) is item:
+                        del self._items[path]
+                continue
+            except OSError:
+                sig = None  # unreadable: due, the pipeline quarantines it
+            if self._settled(item, sig, now):
+                due.append((path, item.gen))
+            else:
+                next_due = min(next_due, item.changed_at + self.quiet)
+        due.sort()
+        return due, next_due
+
+    def _settled(self, item: _Pending, sig: tuple[int, int] | None, now: float) -> bool:
+        """Record the stat just taken; whether the file is stable by it."""
+        with self._lock:
+            if item.sig is not None and sig is not None and item.sig != sig:
+                item.changed_at, item.closed = now, False  # changed without an event
+            item.sig = sig
+            return item.closed or sig is None or now - item.changed_at >= self.quiet

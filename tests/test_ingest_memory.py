@@ -1,0 +1,119 @@
+"""Bounded memory: tokenisation streams, and a batch is bounded in bytes as well as files.
+
+A 5 MB text used to peak at over 1 GB (every token's offsets at once); the RSS test runs
+the real pipeline on a multi-MB file in a subprocess and bounds its peak growth.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from daemon.config import Config
+from daemon.ingest import pipeline
+from daemon.ingest.chunking import _token_windows, load_tokenizer
+from daemon.ingest.pipeline import ingest_paths
+from tests.ingest_helpers import LOREM, docs, events_of
+
+ROOT = Path(__file__).resolve().parents[1]
+BIG_MB = 3
+MAX_PEAK_GROWTH_MIB = 200  # streaming grows ~30 MiB here; encoding the whole text grew ~460
+LINE = "The quick brown fox jumps over the lazy dog near the river bank today.\n"
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    """A real byte-level BPE tokenizer.json, trained in milliseconds."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator([LINE * 50, LOREM * 50], trainer=trainer)
+    out = tmp_path / "model"
+    out.mkdir()
+    tok.save(str(out / "tokenizer.json"))
+    return out
+
+
+def test_sliced_token_windows_equal_whole_text_windows(model_dir: Path) -> None:
+    tok = load_tokenizer(model_dir)
+    text = "".join(f"{i} {LINE}" + ("\n" if i % 7 == 0 else "") for i in range(400))
+    text += "Grüße 🌲 " * 50 + "🌲" * 400 + " end"  # a long run with hard cuts only
+    for n in (16, 64):
+        whole = list(_token_windows(text, n, tok, slice_chars=10**9))
+        for slice_chars in (64, 1000):
+            sliced = list(_token_windows(text, n, tok, slice_chars=slice_chars))
+            assert sliced == whole
+    assert all(count <= 64 for count, _ in whole)
+
+
+_CHILD = textwrap.dedent(
+    """
+    import json, resource, sys
+    from pathlib import Path
+    from daemon import config as config_mod
+    from daemon.ingest.pipeline import ingest_paths
+
+    state, model, inbox, warm = (Path(a) for a in sys.argv[1:5])
+    cfg = config_mod.from_dict({"state_dir": str(state), "base_model": str(model)})
+    ingest_paths(cfg, [warm])  # imports, tokenizer and store are loaded before measuring
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    summary = ingest_paths(cfg, [inbox])
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"growth_kib": after - before, "summary": summary}))
+    """
+)
+
+
+def test_a_multi_megabyte_file_is_ingested_in_bounded_memory_with_its_small_neighbours(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    inbox, warm = tmp_path / "inbox", tmp_path / "warm"
+    inbox.mkdir()
+    warm.mkdir()
+    (warm / "w.txt").write_text(LOREM * 20)
+    lines = (f"{i} {LINE}" + ("\n" if i % 8 == 0 else "") for i in range(10**7))
+    with open(inbox / "m-big.txt", "w", encoding="utf-8") as fh:
+        while fh.tell() < BIG_MB * 1_000_000:
+            fh.write(next(lines))
+    for name in ("a-small.txt", "z-small.txt"):
+        (inbox / name).write_text(f"{name}: {LOREM}")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [str(tmp_path / "state"), str(model_dir), str(inbox), str(warm)]
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["summary"]["outcomes"]["ingested"] == 3, result
+    assert result["growth_kib"] / 1024 < MAX_PEAK_GROWTH_MIB, result["growth_kib"]
+
+
+def test_a_batch_is_bounded_in_bytes_so_a_big_file_is_committed_alone(
+    cfg: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline, "MAX_BATCH_BYTES", 4000)
+    inbox = Path(cfg.inbox_dir)
+    inbox.mkdir(parents=True)
+    for name in ("a.txt", "b.txt", "z.txt"):
+        (inbox / name).write_text(f"{name}: {LOREM}")
+    (inbox / "m.txt").write_text(LOREM * 40)  # about 6.5 kB, over the bound on its own
+    summary = ingest_paths(cfg, [inbox], batch_size=256)
+    assert summary["outcomes"]["ingested"] == 4
+    per_commit = [json.loads(e["data"])["documents"] for e in events_of(cfg, "ingest.ingested")]
+    assert per_commit == [2, 1, 1]  # a+b, then m alone, then z
+    assert len(docs(cfg)) == 4
