@@ -54,7 +54,19 @@ class IngestConfig(Section):
     batch_size: int = num(
         256, 1, 100_000, "Files committed per SQLite transaction during bulk ingest."
     )
+    batch_max_bytes: int = num(
+        32 * 1024 * 1024,
+        1024,
+        2**40,
+        "A bulk-ingest transaction also ends after this many bytes of files, so one huge"
+        " file never holds back (or shares memory with) the small ones.",
+    )
     follow_symlinks: bool = opt(True, "Follow symlinks that stay inside the inbox.")
+    follow_hardlinks: bool = opt(
+        False,
+        "Ingest files with more than one name (hard links); off because a hard link's"
+        " content may live outside the inbox.",
+    )
 
 
 class TrainingConfig(Section):

@@ -50,12 +50,12 @@ def test_symlink_flipped_to_an_outside_file_after_its_check_is_quarantined(
     link.symlink_to(inbox / "real.txt")
     real_open = reading.open_checked
 
-    def flip_then_open(path: str, root: str | None, *, is_link: bool) -> Any:
+    def flip_then_open(path: str, root: str | None, *, is_link: bool, **kw: Any) -> Any:
         if path == str(link):  # the attacker wins the race, right before the open
             tmp = inbox / ".flip.tmp"
             tmp.symlink_to(secret)
             os.replace(tmp, link)
-        return real_open(path, root, is_link=is_link)
+        return real_open(path, root, is_link=is_link, **kw)
 
     monkeypatch.setattr(reading, "open_checked", flip_then_open)
     summary = ingest_paths(cfg, [inbox])
@@ -79,6 +79,20 @@ def test_hard_link_to_an_outside_file_is_quarantined_with_a_reason(
     _nothing_secret_stored(cfg)
     (quarantined,) = [d for d in docs(cfg) if d["status"] == "quarantined"]
     assert quarantined["content_hash"].startswith("quarantine:outside_inbox:")  # never read
+
+
+def test_follow_hardlinks_admits_a_file_with_two_names_inside_the_inbox(
+    cfg: Config, inbox: Path
+) -> None:
+    (inbox / "notes.txt").write_text(LOREM, encoding="utf-8")
+    os.link(inbox / "notes.txt", inbox / "notes-copy.txt")
+    refused = ingest_paths(cfg, [inbox])
+    assert refused["outcomes"]["quarantined"] == 2, refused
+    cfg.ingest.follow_hardlinks = True
+    (inbox / "notes.txt").write_text(LOREM + " More.", encoding="utf-8")  # both names change
+    admitted = ingest_paths(cfg, [inbox])
+    assert admitted["outcomes"].get("quarantined", 0) == 0, admitted
+    assert admitted["outcomes"]["ingested"] + admitted["outcomes"].get("duplicate", 0) == 2
 
 
 def test_a_file_named_on_the_command_line_is_trusted_even_with_two_names(

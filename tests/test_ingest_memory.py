@@ -17,7 +17,6 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from daemon.config import Config
-from daemon.ingest import pipeline
 from daemon.ingest.chunking import _token_windows, load_tokenizer
 from daemon.ingest.pipeline import ingest_paths
 from tests.ingest_helpers import LOREM, docs, events_of
@@ -103,10 +102,8 @@ def test_a_multi_megabyte_file_is_ingested_in_bounded_memory_with_its_small_neig
     assert result["growth_kib"] / 1024 < MAX_PEAK_GROWTH_MIB, result["growth_kib"]
 
 
-def test_a_batch_is_bounded_in_bytes_so_a_big_file_is_committed_alone(
-    cfg: Config, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(pipeline, "MAX_BATCH_BYTES", 4000)
+def test_a_batch_is_bounded_in_bytes_so_a_big_file_is_committed_alone(cfg: Config) -> None:
+    cfg.ingest.batch_max_bytes = 4000
     inbox = Path(cfg.inbox_dir)
     inbox.mkdir(parents=True)
     for name in ("a.txt", "b.txt", "z.txt"):

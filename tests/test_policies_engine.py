@@ -366,30 +366,6 @@ def test_after_reject_inside_callers_transaction(tmp_path: Path, db: sqlite_util
     assert result["retry"] == train
 
 
-def test_scheduling_writes_are_savepoints_inside_a_callers_transaction(
-    tmp_path: Path, db: sqlite_utils.Database
-) -> None:
-    """A failing block rolls back only itself; the caller's earlier writes survive, and a
-    caller that rolls back takes the block's writes with it."""
-    from daemon.scheduling.spec import write
-    from store import kv
-
-    with transaction(db):
-        kv.put(db, "outer", "1")
-        with pytest.raises(RuntimeError), write(db):
-            kv.put(db, "inner", "1")
-            raise RuntimeError("boom")
-        with write(db):
-            kv.put(db, "kept", "1")
-    assert (kv.get(db, "outer"), kv.get(db, "inner"), kv.get(db, "kept")) == ("1", None, "1")
-
-    with pytest.raises(RuntimeError), transaction(db):
-        with write(db):
-            kv.put(db, "rolled_back", "1")
-        raise RuntimeError("caller fails")
-    assert kv.get(db, "rolled_back") is None
-
-
 def test_window_summary_names_the_time_once(tmp_path: Path, db: sqlite_utils.Database) -> None:
     cfg = make_cfg(
         tmp_path,

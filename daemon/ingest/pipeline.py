@@ -37,7 +37,6 @@ INGEST_CACHE_MIB = 64  # SQLite page cache of a bulk ingest: index pages stay ho
 # says: prepared files stay in memory until their commit, so 256 large files would
 # otherwise be held at once, and a huge file is committed on its own rather than making
 # the small files prepared before it wait (a config key would belong in daemon.config).
-MAX_BATCH_BYTES = 32 * 1024 * 1024
 
 
 class Ingester:
@@ -68,24 +67,25 @@ class Ingester:
     ) -> list[Outcome]:
         """Ingest ``(path, root)`` pairs in order, one transaction per batch.
 
-        A batch ends at ``batch_size`` files or :data:`MAX_BATCH_BYTES` bytes of files,
+        A batch ends at ``batch_size`` files or ``ingest.batch_max_bytes`` bytes of files,
         whichever comes first; a file larger than the byte bound is a batch of its own.
         """
         size = batch_size or self.cfg.ingest.batch_size
+        max_bytes = self.cfg.ingest.batch_max_bytes
         out: list[Outcome] = []
         batch: list[Prepared] = []
         held = 0
         for path, root in items:
-            if batch and held + _size_on_disk(path) > MAX_BATCH_BYTES:
+            if batch and held + _size_on_disk(path) > max_bytes:
                 out.extend(self.commit(batch))  # before the big file is even read
                 batch, held = [], 0
             prepared = self.prepare(path, root)
-            if batch and held + prepared.size > MAX_BATCH_BYTES:  # it grew meanwhile
+            if batch and held + prepared.size > max_bytes:  # it grew meanwhile
                 out.extend(self.commit(batch))
                 batch, held = [], 0
             batch.append(prepared)
             held += prepared.size
-            if len(batch) >= size or held >= MAX_BATCH_BYTES:
+            if len(batch) >= size or held >= max_bytes:
                 out.extend(self.commit(batch))
                 batch, held = [], 0
         if batch:

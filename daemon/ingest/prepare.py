@@ -167,7 +167,9 @@ class Preparer:
         """
         limit = self.cfg.ingest.max_file_bytes
         try:
-            fd, st_fd = reading.open_checked(path, root, is_link=is_link)
+            fd, st_fd = reading.open_checked(
+                path, root, is_link=is_link, hardlinks=self.cfg.ingest.follow_hardlinks
+            )
         except Quarantine as q:
             raise _Done(quarantined_unread(path, st, q.reason, q.detail)) from None
         try:

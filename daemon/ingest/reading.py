@@ -27,11 +27,14 @@ from daemon.ingest.parsers import Quarantine
 _BASE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
 
-def open_checked(path: str, root: str | None, *, is_link: bool) -> tuple[int, os.stat_result]:
+def open_checked(
+    path: str, root: str | None, *, is_link: bool, hardlinks: bool = False
+) -> tuple[int, os.stat_result]:
     """Open ``path`` once and return ``(fd, fstat)`` after the checks of the module docstring.
 
     ``is_link`` says whether the name was a symlink when stat'ed (links are followed only
-    when the config allows, and the caller decided that already). Raises
+    when the config allows, and the caller decided that already); ``hardlinks`` admits a
+    file with several names (``ingest.follow_hardlinks``). Raises
     :class:`Quarantine` for a file that must not be read; the caller closes ``fd``.
     """
     flags = _BASE_FLAGS if is_link else _BASE_FLAGS | os.O_NOFOLLOW
@@ -43,7 +46,7 @@ def open_checked(path: str, root: str | None, *, is_link: bool) -> tuple[int, os
         raise Quarantine(parsers.UNREADABLE, exc.strerror or str(exc)) from None
     try:
         st = os.fstat(fd)
-        _check_descriptor(path, root, st)
+        _check_descriptor(path, root, st, hardlinks)
     except BaseException:
         os.close(fd)
         raise
@@ -63,7 +66,7 @@ def read_fd(fd: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _check_descriptor(path: str, root: str | None, st: os.stat_result) -> None:
+def _check_descriptor(path: str, root: str | None, st: os.stat_result, hardlinks: bool) -> None:
     if not stat_mod.S_ISREG(st.st_mode):
         raise Quarantine(parsers.UNREADABLE, "not a regular file")
     if root is None:  # a file named on the command line: the user vouches for it
@@ -80,7 +83,7 @@ def _check_descriptor(path: str, root: str | None, st: os.stat_result) -> None:
         raise Quarantine(parsers.OUTSIDE_INBOX, "changed while being opened")
     if st.st_dev != os.stat(real_root).st_dev:
         raise Quarantine(parsers.OUTSIDE_INBOX, "on another filesystem than the inbox")
-    if st.st_nlink != 1:
+    if st.st_nlink != 1 and not hardlinks:
         raise Quarantine(
             parsers.OUTSIDE_INBOX,
             f"hard link ({st.st_nlink} names): its content may live outside the inbox",

@@ -28,11 +28,12 @@ import sqlite_utils
 
 from daemon.config import Config
 from daemon.scheduling import probes
-from daemon.scheduling.spec import build_all, write
+from daemon.scheduling.spec import build_all
 from policies.base import Decision, TriggerState
 from policies.trigger_tree import uses
 from policies.units import fmt_clock
 from store import adapters, documents, events, kv, stages
+from store.db import savepoint
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def explain_next(
     now = time.time() if now is None else now
     pol = build_all(cfg)
     if record:
-        with write(db):
+        with savepoint(db, "scheduling"):
             _record_tick(cfg, db, now)
     state = build_state(
         cfg,
@@ -262,7 +263,7 @@ def _record_decision(
     kind = "running" if state.stage_running else ("empty" if blocked else "")
     sig = _signature(result["fire"], kind, decision)
     key = _kv_key("decision_sig", cfg.track)
-    with write(db):
+    with savepoint(db, "scheduling"):
         if kv.get(db, key) == sig:
             return
         kv.put(db, key, sig)

@@ -14,13 +14,14 @@ from typing import Any
 import sqlite_utils
 
 from daemon.config import Config
-from daemon.scheduling.spec import build_all, write
+from daemon.scheduling.spec import build_all
 from policies.base import ReplayCandidate
 from policies.selection import PendingChunk
 from policies.trigger_tree import uses
 from policies.units import fmt_int
 from store import adapters, documents, events, stages
 from store.contracts import GateVerdict
+from store.db import savepoint
 
 REJECT_EVENT_KIND = "policy.rejected_data"
 
@@ -133,7 +134,7 @@ def after_reject(
         plan = json.loads(plan or "{}")
     new_ids = [int(i) for i in plan.get("new_chunk_ids", [])]
     pc = cfg.policy
-    with write(db):
+    with savepoint(db, "scheduling"):
         attempts = documents.bump_attempts(db, new_ids)
         if pc.on_reject == "drop":
             aside = sorted(attempts)

@@ -8,20 +8,14 @@ the config may have been reloaded.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import count
 from typing import Any
-
-import sqlite_utils
 
 from daemon.config import Config
 from policies import base
 from policies.base import PromotionPolicy, TriggerPolicy
 from policies.selection import SelectionPolicy
 from policies.trigger_tree import build_trigger
-from store.db import transaction
 
 
 @dataclass
@@ -43,30 +37,3 @@ def build_all(cfg: Config) -> Policies:
         promotion=base.build("promotion", pc.promotion, "policy.promotion"),
         selection=base.build("selection", pc.selection, "policy.selection"),
     )
-
-
-_savepoints = count()
-
-
-@contextmanager
-def write(db: sqlite_utils.Database) -> Iterator[None]:
-    """A write transaction, or a savepoint inside the caller's one.
-
-    The runner calls :func:`~daemon.scheduling.planning.after_reject` inside its own
-    transaction; a savepoint makes this block all-or-nothing there too, without
-    committing the caller's work. (Private stand-in until ``store.db`` grows a shared
-    ``savepoint()``.)
-    """
-    if not db.conn.in_transaction:
-        with transaction(db):
-            yield
-        return
-    name = f"evergreen_sched_{next(_savepoints)}"
-    db.conn.execute(f"SAVEPOINT {name}")
-    try:
-        yield
-    except BaseException:
-        db.conn.execute(f"ROLLBACK TO {name}")
-        db.conn.execute(f"RELEASE {name}")
-        raise
-    db.conn.execute(f"RELEASE {name}")
