@@ -36,6 +36,24 @@ def test_recipe_round_trips_through_a_plan() -> None:
     assert hparams.from_plan(stored) == cfg
 
 
+def test_recipe_reading_also_works_with_a_pydantic_training_config(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``daemon.config`` is moving to pydantic models: the plan must read the same way."""
+    from pydantic import BaseModel, ConfigDict
+
+    class Training(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        lora_rank: int = 64
+        min_steps: int = 1000
+        target_modules: list[str] = ["q_proj"]
+
+    monkeypatch.setattr(hparams, "TrainingConfig", Training)
+    hp = hparams.from_plan({"lora_rank": 16, "gone_key": 1})
+    assert hp == Training(lora_rank=16, min_steps=0)
+    assert hparams.to_plan(hp) == {"lora_rank": 16, "min_steps": 0, "target_modules": ["q_proj"]}
+
+
 def test_plan_is_typed_stored_as_json_and_old_plans_still_load(tmp_path: Path) -> None:
     base = tmp_path / "base"
     base.mkdir()

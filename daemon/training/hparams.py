@@ -3,15 +3,16 @@
 The training recipe has one home, :class:`daemon.config.TrainingConfig`; the planner
 stores it in the plan as a plain dict (the training section at planning time) and the
 stage reads it back here. This is the only place that knows how a ``TrainingConfig`` is
-built from such a dict, so a change to how config models are declared touches one
-function, not the trainer.
+built from such a dict, so a change to how config models are declared touches these
+functions, not the trainer. They work with ``TrainingConfig`` as a dataclass (today) and
+as a pydantic model (``model_fields``/``model_dump``), so either can be merged in.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from daemon.config import TrainingConfig
 
@@ -26,7 +27,7 @@ def field_names() -> frozenset[str]:
     model_fields = getattr(TrainingConfig, "model_fields", None)
     if model_fields is not None:
         return frozenset(model_fields)
-    return frozenset(f.name for f in dataclasses.fields(TrainingConfig))
+    return frozenset(f.name for f in dataclasses.fields(cast(Any, TrainingConfig)))
 
 
 def from_plan(raw: Mapping[str, Any]) -> TrainingConfig:
@@ -44,4 +45,4 @@ def to_plan(training: TrainingConfig) -> dict[str, Any]:
     dump = getattr(training, "model_dump", None)
     if dump is not None:
         return dict(dump(mode="json"))
-    return dataclasses.asdict(training)
+    return dataclasses.asdict(cast(Any, training))
