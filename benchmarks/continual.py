@@ -30,7 +30,6 @@ sys.path.insert(0, str(ROOT))
 from daemon import config as config_mod  # noqa: E402
 from daemon.training import runner  # noqa: E402
 from daemon.training.seed import ensure_seed_model  # noqa: E402
-from daemon.training.stage import Hparams  # noqa: E402
 from policies.replay import DEFAULT_RATIO  # noqa: E402
 from store import documents  # noqa: E402
 from store.db import open_db  # noqa: E402
@@ -429,7 +428,7 @@ def speed_hf_trainer(base: Path, work: Path, docs: list[str], training: dict, ba
             r=training["lora_rank"],
             lora_alpha=training["lora_alpha"],
             lora_dropout=0.0,
-            target_modules=list(Hparams.target_modules),  # the same modules as our stage
+            target_modules=list(config_mod.TrainingConfig().target_modules),  # as our stage
             task_type="CAUSAL_LM",
         ),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -361,3 +362,32 @@ def test_warm_process_that_crashes_idle_is_not_respawned_on_every_wake(tmp_path:
         assert "broken daemon package" in (cfg.stages_dir / "warm.log").read_text()
     finally:
         warm.close()
+
+
+def test_stage_log_shows_progress_a_human_can_follow(tmp_path: Path, tiny_seed_model: Path) -> None:
+    # 12 steps (min_steps on one micro-batch), a holdout evaluation every 3 steps
+    cfg = _cfg(
+        tmp_path,
+        tiny_seed_model,
+        epochs=1.0,
+        min_steps=12,
+        batch_tokens=4096,
+        eval_every=3,
+        early_stopping_patience=100,
+    )
+    db = open_db(cfg.db_path)
+    add_doc(db, FACTS_A[:6], holdout=FACTS_A[6:])
+    res = runner.run_stage(cfg, db)
+    assert res["status"] in ("promoted", "rejected"), res
+    log = (cfg.stages_dir / str(res["stage_id"]) / "stage.log").read_text()
+    steps = [int(s) for s in re.findall(r"stage \d+: step (\d+)/12 loss \d+\.\d+ lr ", log)]
+    # the first and last step, every evaluation step, and whatever 5 s apart in between
+    assert {1, 3, 6, 9, 12} <= set(steps) and steps == sorted(set(steps)), log
+    assert re.findall(r"step (\d+)/12 holdout loss", log) == ["3", "6", "9", "12"], log
+    assert re.search(r"tok/s ETA \S+", log)
+    assert "evaluating the candidate" in log and "evaluated: new_loss" in log
+    assert f"published {res['version']}" in log
+    assert "Traceback" not in log
+    progress = stages.get(db, res["stage_id"])["progress"]
+    assert progress["phase"] == "evaluate"  # the last phase the stage reported
+    db.conn.close()

@@ -17,7 +17,9 @@ import sqlite_utils
 
 from daemon.config import Config
 from daemon.errors import EvergreenError
+from daemon.training import hparams
 from store import adapters, documents, stages
+from store.contracts import StagePlan
 
 MAX_RETENTION_CHUNKS = 128
 MAX_SCORE_CHUNKS = 2000  # replay buffer + pending chunks scored under the candidate
@@ -81,8 +83,9 @@ def score_ids(db: sqlite_utils.Database, track: str, exclude: set[int]) -> list[
     return out[:MAX_SCORE_CHUNKS]
 
 
-def build_plan(cfg: Config, db: sqlite_utils.Database, selection: dict[str, Any]) -> dict[str, Any]:
-    """The full plan for ``selection`` (the output of ``daemon.scheduling.planning.plan_stage``)."""
+def build_plan(cfg: Config, db: sqlite_utils.Database, selection: dict[str, Any]) -> StagePlan:
+    """The full plan for ``selection`` (the output of ``daemon.scheduling.planning.plan_stage``);
+    the selection's own keys (reasons, token counts, policy names) are kept in it."""
     base = cfg.resolved_base_model()
     if not (base / "config.json").is_file():
         raise PlanError(f"base model {base} is missing (run `evergreen seed-model`)")
@@ -101,8 +104,7 @@ def build_plan(cfg: Config, db: sqlite_utils.Database, selection: dict[str, Any]
     new_ids = [int(i) for i in selection["new_chunk_ids"]]
     replay_ids = [int(i) for i in selection.get("replay_chunk_ids", [])]
     version = adapters.next_version(db)
-    hp = cfg.training.model_dump()
-    return {
+    fields = {
         **selection,
         "track": cfg.track,
         "new_chunk_ids": new_ids,
@@ -118,7 +120,7 @@ def build_plan(cfg: Config, db: sqlite_utils.Database, selection: dict[str, Any]
         "init_adapter": init,
         "output_version": version,
         "output_dir": str(cfg.adapters_dir / version),
-        "hparams": hp,
+        "hparams": hparams.to_plan(cfg.training),
         "general_eval": general_eval_path(cfg),
         "general_replay": general_replay_path(cfg) if cfg.training.general_mix > 0 else "",
         "general_mix": cfg.training.general_mix,
@@ -128,6 +130,7 @@ def build_plan(cfg: Config, db: sqlite_utils.Database, selection: dict[str, Any]
         "new_sha256": chunk_hash(db, new_ids),
         "replay_sha256": chunk_hash(db, replay_ids),
     }
+    return StagePlan.from_json(fields)
 
 
 def write_plan(cfg: Config, db: sqlite_utils.Database) -> int | None:
@@ -138,8 +141,9 @@ def write_plan(cfg: Config, db: sqlite_utils.Database) -> int | None:
     if selection is None or not selection.get("new_chunk_ids"):
         return None
     plan = build_plan(cfg, db, selection)
-    stage_id = stages.create(db, plan, track=cfg.track, parent_version=plan["parent_version"])
-    stage_dir = cfg.stages_dir / str(stage_id)
-    plan["stage_dir"] = str(stage_dir)
-    stages.set_plan(db, stage_id, plan)
+    stage_id = stages.create(
+        db, plan.to_dict(), track=cfg.track, parent_version=plan.parent_version
+    )
+    plan.stage_dir = str(cfg.stages_dir / str(stage_id))
+    stages.set_plan(db, stage_id, plan.to_json())
     return stage_id

@@ -10,6 +10,9 @@ stale settings. After each stage the daemon starts the next warm process.
 Cost: one idle process holding the imported libraries (~300 MB RSS, no CPU). It exits by
 itself when the daemon dies (EOF on stdin), and ``close()`` stops it on shutdown.
 ``training.prewarm = false`` turns this off.
+
+Both ends of the hand-over live here: :class:`WarmTrainer` (daemon side, torch-free) writes
+the order that :func:`wait_for_stage` (stage side) reads.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -86,7 +91,7 @@ class WarmTrainer:
             return None
         assert proc.stdin is not None
         try:
-            proc.stdin.write(json.dumps({"stage_id": stage_id, "log": str(log_path)}) + "\n")
+            proc.stdin.write(order(stage_id, log_path))
             proc.stdin.close()
         except OSError:  # it died between poll() and write: start cold instead
             _stop(proc)
@@ -121,3 +126,36 @@ def _stop(proc: subprocess.Popen[str]) -> None:
     finally:
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def order(stage_id: int, log_path: Path) -> str:
+    """The one line that hands a stage to a warm process."""
+    return json.dumps({"stage_id": stage_id, "log": str(log_path)}) + "\n"
+
+
+def preload() -> None:
+    """Import what every stage needs, up front (the bulk of a small stage's start-up)."""
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    import daemon.training.device  # noqa: F401
+
+
+def wait_for_stage() -> int | None:
+    """Stage side: preload, then block until the daemon writes its :func:`order`.
+
+    EOF (the parent closed the pipe, or died) means no stage is coming: None, and the
+    process exits quietly. Stderr moves to the stage's own log once the stage is known.
+    """
+    preload()
+    line = sys.stdin.readline()
+    if not line.strip():
+        return None
+    got = json.loads(line)
+    log_path = got.get("log")
+    if log_path:
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 2)
+        os.close(fd)
+    return int(got["stage_id"])

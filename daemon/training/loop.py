@@ -1,0 +1,239 @@
+"""The training loop of a stage: AdamW, warmup + cosine LR, early stopping, checkpoints.
+
+Semantics the rest of Evergreen relies on:
+
+* length: ``epochs`` passes over the packed micro-batches, at least ``min_steps``
+  optimizer steps (a small stage repeats its data) and at most ``max_steps`` (0 = no cap);
+* early stopping: every ``eval_every`` steps the holdout loss is measured; the best
+  weights are kept and restored at the end, and ``early_stopping_patience`` evaluations
+  without improvement end the stage;
+* a non-finite loss or gradient norm fails the stage (no adapter is written);
+* checkpoints every ``checkpoint_every`` steps, at the end and on a stop request, hold
+  everything needed to resume bit-for-bit (weights, best weights, optimizer, scheduler,
+  RNG, :class:`LoopState`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from daemon.config import TrainingConfig
+from daemon.training import checkpoint
+from daemon.training import data as data_mod
+from daemon.training.lora import Loaded
+from daemon.training.report import Reporter, StageFailed, StageStopped, emit
+from daemon.training.stage_data import Prepared, StageData
+
+FAULT_NAN_ENV = "EVERGREEN_FAULT_NAN_STEP"  # test hook: inject a NaN loss at this step
+MIN_LR_RATIO = 0.1  # the cosine schedule ends at this share of the peak LR
+
+
+@dataclass
+class LoopState:
+    """Where training stands; saved in every checkpoint as a plain dict."""
+
+    step: int = 0
+    best_loss: float = math.inf
+    bad_evals: int = 0
+    tokens: int = 0
+    data_tokens: int = 0
+    stopped_early: bool = False
+    resumed_from: int = 0
+    last_loss: float = math.nan
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any]) -> LoopState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in names})
+
+
+def total_steps(hp: TrainingConfig, micro_batches_per_epoch: int) -> int:
+    """Optimizer steps of the stage (see the module docstring)."""
+    micro = math.ceil(hp.epochs * micro_batches_per_epoch)
+    # A small stage (a few new facts) repeats its data up to min_steps: a handful of
+    # steps teaches a model nothing, whatever the epoch count says.
+    steps = max(1, math.ceil(micro / hp.grad_accum), hp.min_steps)
+    return min(steps, hp.max_steps) if hp.max_steps else steps
+
+
+def lr_lambda(
+    total: int, warmup_ratio: float, floor: float = MIN_LR_RATIO
+) -> Callable[[int], float]:
+    """LR multiplier per step: linear warmup, then cosine down to ``floor``."""
+    warm = max(1, int(warmup_ratio * total))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        frac = (step - warm) / max(1, total - warm)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+    return f
+
+
+class Trainer:
+    """Runs the loop on ``loaded.model`` over ``data``; :meth:`run` returns its stats."""
+
+    def __init__(
+        self,
+        loaded: Loaded,
+        data: StageData,
+        hp: TrainingConfig,
+        *,
+        stage_dir: Path,
+        report: Reporter,
+        stop_requested: Callable[[], bool],
+    ) -> None:
+        import torch
+
+        self.model = loaded.model
+        self.dev = loaded.dev
+        self.data = data
+        self.hp = hp
+        self.stage_dir = stage_dir
+        self.report = report
+        self.stop_requested = stop_requested
+        self.total = total_steps(hp, len(data.batches))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_lambda(self.total, hp.warmup_ratio)
+        )
+        self.fault_step = int(os.environ.get(FAULT_NAN_ENV, "0") or 0)
+        self.best: dict[str, Any] | None = None  # best weights by holdout loss
+
+    def run(self) -> dict[str, Any]:
+        """Train to the end (or early stop); raises StageStopped on a stop request."""
+        st = self.restore()
+        self.report.start(st.step, st.tokens, self.total)
+        t0, tok0 = time.monotonic(), st.tokens
+        self.model.train()
+        while st.step < self.total and not st.stopped_early:
+            self.step(st)
+            hp = self.hp
+            if hp.eval_every and self.data.holdout and st.step % hp.eval_every == 0:
+                self.early_stopping(st)
+            done = st.step >= self.total or st.stopped_early
+            stop = self.stop_requested()
+            if done or stop or (hp.checkpoint_every and st.step % hp.checkpoint_every == 0):
+                self.save(st)
+            lr = float(self.sched.get_last_lr()[0])
+            self.report.step(st.step, self.total, loss=st.last_loss, lr=lr, tokens=st.tokens)
+            if stop and not done:
+                raise StageStopped(f"stopped at step {st.step}")
+        if self.best is not None:
+            checkpoint.load_trainable(self.model, self.best)
+        elapsed = max(1e-9, time.monotonic() - t0)
+        return self.stats(st, (st.tokens - tok0) / elapsed)
+
+    def step(self, st: LoopState) -> None:
+        """One optimizer step over ``grad_accum`` micro-batches (loss summed per token)."""
+        import torch
+
+        self.opt.zero_grad(set_to_none=True)
+        accum = self.hp.grad_accum
+        group = [self.data.batch_at(st.step * accum + k) for k in range(accum)]
+        n_labels = max(1, sum(c.labels_count for c in group))
+        loss_sum = 0.0
+        for c in group:
+            loss = self.loss(c) / n_labels
+            if self.fault_step and st.step + 1 == self.fault_step:
+                loss = loss * math.nan
+            if not torch.isfinite(loss):
+                raise StageFailed(f"non-finite loss at step {st.step + 1}")
+            loss.backward()
+            loss_sum += float(loss.detach())
+            st.tokens += c.col.n_tokens
+            st.data_tokens += c.data_tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        if not torch.isfinite(grad_norm):
+            raise StageFailed(f"non-finite gradient norm at step {st.step + 1}")
+        self.opt.step()
+        self.sched.step()
+        st.step += 1
+        st.last_loss = loss_sum
+
+    def loss(self, c: Prepared) -> Any:
+        """Summed token cross-entropy of one micro-batch (labels are pre-shifted)."""
+        import torch.nn.functional as F
+
+        t = data_mod.to_tensors(c.col, self.dev.device, self.dev.dtype)
+        labels = t.pop("labels")
+        logits = self.model(**t).logits.float()
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=data_mod.IGNORE,
+            reduction="sum",
+        )
+
+    def early_stopping(self, st: LoopState) -> None:
+        """Measure the holdout; keep the best weights; stop after ``patience`` misses."""
+        from daemon.training.evaluate import example_losses
+
+        loss, _, _ = example_losses(
+            self.model,
+            self.data.holdout,
+            max_len=self.hp.max_seq_len,
+            batch_tokens=self.hp.batch_tokens,
+            device=self.dev.device,
+        )
+        if loss < st.best_loss - 1e-4:
+            st.best_loss, st.bad_evals = loss, 0
+            self.best = checkpoint.trainable_state(self.model)
+        else:
+            st.bad_evals += 1
+            st.stopped_early = st.bad_evals >= self.hp.early_stopping_patience
+        patience = self.hp.early_stopping_patience
+        self.report.holdout(
+            st.step, self.total, loss, best=st.best_loss, bad=st.bad_evals, patience=patience
+        )
+
+    def save(self, st: LoopState) -> None:
+        import torch
+
+        state = {
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "rng": torch.get_rng_state(),
+            "progress": dataclasses.asdict(st),
+        }
+        checkpoint.save(self.stage_dir, self.model, self.best, state)
+
+    def restore(self) -> LoopState:
+        """The state of the last checkpoint (weights and optimizer loaded), or a new one."""
+        import torch
+
+        restored = checkpoint.load(self.stage_dir)
+        if restored is None:
+            return LoopState()
+        weights, self.best, saved = restored
+        checkpoint.load_trainable(self.model, weights)
+        self.opt.load_state_dict(saved["optimizer"])
+        self.sched.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        st = LoopState.from_checkpoint(saved["progress"])
+        st.resumed_from = st.step
+        emit("resumed", stage_id=self.data.stage_id, step=st.step)
+        return st
+
+    def stats(self, st: LoopState, tokens_per_s: float) -> dict[str, Any]:
+        """What the manifest and the stage row record about training."""
+        return {
+            "steps": st.step,
+            "total_steps": self.total,
+            "train_loss": st.last_loss,
+            "best_holdout_loss": st.best_loss if math.isfinite(st.best_loss) else None,
+            "stopped_early": st.stopped_early,
+            "resumed_from_step": st.resumed_from,
+            "tokens_trained": st.tokens,
+            "data_tokens_trained": st.data_tokens,
+            "tokens_per_s": tokens_per_s,
+        }
