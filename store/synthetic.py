@@ -83,29 +83,38 @@ def _live_hash(db: sqlite_utils.Database, track: str, digest: str) -> bool:
     return row is not None
 
 
+def _in_document(db: sqlite_utils.Database, doc_id: int, text: str) -> bool:
+    """The document already says exactly this in one of its own chunks."""
+    row = db.conn.execute(
+        "SELECT 1 FROM chunks WHERE document_id = ? AND split != ? AND text = ? LIMIT 1",
+        (doc_id, SYNTHETIC, text),
+    ).fetchone()
+    return row is not None
+
+
 def add(
     db: sqlite_utils.Database, source_chunk_id: int, method: str, items: Sequence[SyntheticIn]
 ) -> Added:
     """Store ``items`` as synthetic chunks of ``source_chunk_id`` (deduplicated).
 
-    Runs in the caller's transaction or its own. A text equal to the source, or to a live
-    synthetic text of the track, counts as a duplicate. If the source is no longer live
+    Runs in the caller's transaction or its own. A text equal to a chunk of the source's
+    document, or to a live synthetic text of the track, counts as a duplicate. If the source is no longer live
     (its document was superseded while a model was writing), nothing is stored.
     """
     out = Added()
     with savepoint(db, "synthetic_add"):
         src = db.conn.execute(
-            "SELECT track, document_id, seq, text, status FROM chunks WHERE id = ?",
+            "SELECT track, document_id, seq, status FROM chunks WHERE id = ?",
             (source_chunk_id,),
         ).fetchone()
-        if src is None or src[4] not in _LIVE_STATUSES:
+        if src is None or src[3] not in _LIVE_STATUSES:
             out.source_gone = True
             return out
-        track, doc_id, seq, source_text = src[0], src[1], src[2], src[3]
+        track, doc_id, seq = src[0], src[1], src[2]
         now = time.time()
         for item in items:
             digest = content_hash(item.text)
-            if item.text == source_text or _live_hash(db, track, digest):
+            if _in_document(db, doc_id, item.text) or _live_hash(db, track, digest):
                 out.duplicates += 1
                 continue
             cur = db.conn.execute(
