@@ -70,7 +70,9 @@ class AugmentConfig(Section):
     token_budget: int = num(
         16_384, 1, 10**12, "Generated tokens per call at most (model-based methods)."
     )
-    time_budget_s: float = num(120.0, 1, DAY_S, "Wall time per call at most.")
+    time_budget_s: float = num(
+        60.0, 1, DAY_S, "Wall time per call at most (one request may overrun it by its timeout)."
+    )
     request_timeout_s: float = num(30.0, 0.1, 3600, "HTTP timeout of one generation request.")
     busy_check: bool = opt(
         True,

@@ -35,7 +35,9 @@ TWO_PARAGRAPHS = (
     "The Vell river rises in the Ashen hills. It flows north for 212 kilometres.\n\n"
     "Its largest tributary is the Orm. The Orm joins it at Dunmere."
 )
-CODE_AND_PROSE = "Install it first. Then run it.\n\ndef main():\n    return 1\n\nDone at last. Good."
+CODE_AND_PROSE = (
+    "Install it first. Then run it.\n\ndef main():\n    return 1\n\nDone at last. Good."
+)
 
 
 def sentence_multiset(text: str) -> Counter[str]:
@@ -293,6 +295,21 @@ def test_time_budget_stops_a_run_and_the_next_run_continues(state_dir: Path) -> 
         assert first.chunks == 2 and "time budget" in first.stopped
         second = augment_pending(cfg, db, clock=StepClock(1))
         assert second.chunks == 3 and second.stopped == ""
+
+
+def test_should_stop_ends_a_run_before_the_next_chunk(state_dir: Path) -> None:
+    cfg = make_cfg(state_dir, method="permute", k=1)
+    asked: list[int] = []
+
+    def should_stop() -> bool:
+        asked.append(1)
+        return len(asked) > 2
+
+    with open_db(cfg.db_path) as db:
+        with transaction(db):
+            add_doc(db, [f"Fact {i} is true. Fact {i} is old." for i in range(4)])
+        report = augment_pending(cfg, db, should_stop=should_stop)
+        assert report.chunks == 2 and report.stopped == "stopping"
 
 
 def closed_port() -> int:

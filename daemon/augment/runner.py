@@ -75,10 +75,13 @@ def augment_pending(
     *,
     clock: Callable[[], float] = time.monotonic,
     limit: int | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> AugmentReport:
     """Augment up to ``limit`` (default ``augment.max_chunks_per_run``) pending chunks.
 
-    Returns the report (also recorded as an ``augment.run`` event when there was work).
+    ``should_stop`` is asked before each chunk (the service passes its stop event, so a
+    SIGTERM waits for one request at most). Returns the report (also recorded as an
+    ``augment.run`` event when there was work).
     """
     a = cfg.augment
     report = AugmentReport(a.method)
@@ -88,10 +91,16 @@ def augment_pending(
     if not rows:
         return report
     method: AugmentMethod = a.build()
+
+    def stop_reason(elapsed: float) -> str:
+        if should_stop():
+            return "stopping"
+        return _budget_spent(cfg, report, elapsed)
+
     if method.uses_model:
-        _run_model(cfg, db, method, rows, report=report, clock=clock)
+        _run_model(cfg, db, method, rows, report=report, clock=clock, stop_reason=stop_reason)
     else:
-        _run_free(cfg, db, method, rows, report=report, clock=clock)
+        _run_free(cfg, db, method, rows, report=report, clock=clock, stop_reason=stop_reason)
     log.info("%s", report.summary())
     with savepoint(db, "augment_event"):
         events.record(
@@ -121,13 +130,14 @@ def _run_free(
     *,
     report: AugmentReport,
     clock: Callable[[], float],
+    stop_reason: Callable[[float], str],
 ) -> None:
-    """Model-free methods: pure, fast; only the time budget can stop them early."""
+    """Model-free methods: pure and fast; the time budget or a stop ends them early."""
     a = cfg.augment
     start = clock()
     for row in rows:
-        if clock() - start >= a.time_budget_s:
-            report.stopped = f"time budget of {a.time_budget_s:g}s spent"
+        report.stopped = stop_reason(clock() - start)
+        if report.stopped:
             return
         variants = (
             method.expand(row["text"], a.k, rng_for(a.seed, row["text"]))
@@ -145,6 +155,7 @@ def _run_model(
     *,
     report: AugmentReport,
     clock: Callable[[], float],
+    stop_reason: Callable[[float], str],
 ) -> None:
     """Model-based methods: ask while budgets last and the server is idle."""
     try:
@@ -155,7 +166,7 @@ def _run_model(
     start = clock()
     with Generator(cfg, target) as gen:
         for row in rows:
-            report.stopped = _budget_spent(cfg, report, clock() - start) or gen.busy()
+            report.stopped = stop_reason(clock() - start) or gen.busy()
             if report.stopped:
                 return
             note = ""
