@@ -36,10 +36,14 @@ def test_self_rewrites_through_the_served_model(
     cfg = make_tiny_cfg(
         tmp_path / "state",
         tiny_seed_model,
-        serving={"mode": "none", "model_name": serving_cfg.serving.model_name},
+        serving={"mode": "none"},
         augment={
             "method": "self",
             "endpoint": vllm_server.url,
+            # The base model's own name: the stable name exists only once a swapper has
+            # reconciled this server (the daemon does at start), which would change what
+            # the serving tests sharing this server see first.
+            "model": str(serving_cfg.resolved_base_model()),
             "api_key_file": str(key_file),
             "k": 2,
             "max_new_tokens": 24,
