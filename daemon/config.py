@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from daemon.config_augment import AugmentConfig
 from daemon.config_sections import (
     DAY_S,
     IngestConfig,
@@ -38,6 +39,7 @@ from policies.params import ParamError, explain
 from policies.trigger_tree import DEFAULT_TREE, normalize_tree
 
 __all__ = [
+    "AugmentConfig",
     "Config",
     "ConfigError",
     "IngestConfig",
@@ -148,6 +150,9 @@ class Config(Section):
     seed: SeedConfig = Field(default_factory=SeedConfig, description="Seed model.")
     serving: ServingConfig = Field(default_factory=ServingConfig, description="vLLM.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="HTTP.")
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig, description="Synthetic study text (augmentation)."
+    )
 
     @field_validator("track")
     @classmethod

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from policies.params import ParamError, explain, join_path
 
-KINDS = ("trigger", "replay", "promotion", "selection")
+KINDS = ("trigger", "replay", "promotion", "selection", "augment")
 # Names are config identifiers: lower snake case, short. "all"/"any" are combinators.
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 RESERVED = {"trigger": ("all", "any")}
@@ -285,4 +285,4 @@ def _load_builtins() -> None:
     if _builtins_loaded:
         return
     _builtins_loaded = True
-    from policies import promotion, replay, selection, triggers  # noqa: F401
+    from policies import augment, promotion, replay, selection, triggers  # noqa: F401

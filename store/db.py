@@ -178,10 +178,44 @@ def _m002_chunk_scores(conn: sqlite3.Connection) -> None:
     )
 
 
+def _m003_synthetic_chunks(conn: sqlite3.Connection) -> None:
+    """Lineage of synthetic study text (store.synthetic) and which chunks were augmented.
+
+    A synthetic text is a ``chunks`` row with ``split = 'synthetic'`` (so the stage reads it
+    like any chunk, and every query for train or holdout data skips it); this table says
+    where it came from. ``augmentations`` records each (source chunk, method) done.
+    """
+    _script(
+        conn,
+        """
+        CREATE TABLE chunk_lineage (
+            chunk_id INTEGER PRIMARY KEY REFERENCES chunks(id) ON DELETE CASCADE,
+            track TEXT NOT NULL DEFAULT 'default',
+            source_chunk_id INTEGER NOT NULL REFERENCES chunks(id) ON DELETE CASCADE,
+            method TEXT NOT NULL,
+            variant TEXT NOT NULL,
+            content_hash TEXT NOT NULL,
+            created_at REAL NOT NULL
+        );
+        CREATE INDEX chunk_lineage_source ON chunk_lineage(source_chunk_id);
+        CREATE INDEX chunk_lineage_hash ON chunk_lineage(track, content_hash);
+        CREATE TABLE augmentations (
+            source_chunk_id INTEGER NOT NULL REFERENCES chunks(id) ON DELETE CASCADE,
+            method TEXT NOT NULL,
+            kept INTEGER NOT NULL,
+            note TEXT NOT NULL DEFAULT '',
+            done_at REAL NOT NULL,
+            PRIMARY KEY (source_chunk_id, method)
+        );
+        """,
+    )
+
+
 # Append only. Never edit a migration that has shipped; add a new one.
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("001_initial", _m001_initial),
     ("002_chunk_scores", _m002_chunk_scores),
+    ("003_synthetic_chunks", _m003_synthetic_chunks),
 ]
 
 
