@@ -195,10 +195,10 @@ def _reject_message(
         return text
     adapted = [r for r in history if r.retry]
     if aside and pc.on_reject == "retry":
-        tried = adapted[-1].retry.get("reason", "") if adapted else ""
+        tried = adapted[-1].retry.get("tried", "") if adapted else ""
         return (
             f"{text}: set aside after {len(adapted)} adapted retries:"
-            f" {retry_mod.summary(history)}" + (f"; last {tried}" if tried else "")
+            f" {retry_mod.summary(history)}" + (f" (last tried {tried})" if tried else "")
         )
     return f"{text}; rejected for {', '.join(last.labels) or last.phrase()}"
 

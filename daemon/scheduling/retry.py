@@ -120,8 +120,11 @@ def _label(cause: str, key: str, metrics: dict[str, Any]) -> str:
             return f"{key} drop {base - cand:.1f} points"
         return f"{key} drop"
     rel = _rel(metrics, key)
-    size = "" if rel is None else f" {rel:+.1%}"
-    return f"{_PHRASE[cause]}{size}"
+    if rel is None:
+        return _PHRASE[cause]
+    if cause == "new":  # said as the improvement the gate measured
+        return f"{_PHRASE[cause]} (only {-rel:+.1%})"
+    return f"{_PHRASE[cause]} {rel:+.1%}"
 
 
 def rejection(cfg: Config, row: dict[str, Any]) -> Rejection:
@@ -194,6 +197,7 @@ class Adjustment:
             "causes": [r.causes for r in self.history],
             "changes": {k: [a, b] for k, (a, b) in self.changes.items()},
             "replay_factor": self.replay_factor,
+            "tried": self.tried(),
             "reason": self.reason(),
         }
 
