@@ -50,8 +50,8 @@ def seed_data(db: sqlite_utils.Database) -> list[int]:
     """A learned document in the replay buffer (so retention exists) and a pending one."""
     with transaction(db):
         old = add_doc(db, ["an old fact " * 8], holdout=["old holdout " * 4], path="/i/old")
-        old_ids = [r[0] for r in db.conn.execute("SELECT id FROM chunks WHERE document_id = ?",
-                                                 (old,))]  # fmt: skip
+        rows = db.conn.execute("SELECT id FROM chunks WHERE document_id = ?", (old,))
+        old_ids = [r[0] for r in rows]
         documents.mark_trained(db, old_ids, stage_id=0)
         documents.replay_add(db, "default", old_ids, capacity=10)
         add_doc(db, ["a new fact " * 20, "another new fact " * 20], path="/i/new")
@@ -209,8 +209,8 @@ def test_a_verdict_with_only_texts_is_read_by_its_criteria(tmp_path: Path) -> No
             "retention_loss: missing from the candidate's metrics",
         ]
     )
-    row = {"id": 3, "plan": {}, "metrics": {"gate": text_only.to_dict(), **{
-        "candidate": {"eval:facts": 70.0}, "baseline": {"eval:facts": 80.0}}}}  # fmt: skip
+    metrics = {"candidate": {"eval:facts": 70.0}, "baseline": {"eval:facts": 80.0}}
+    row = {"id": 3, "plan": {}, "metrics": {"gate": text_only.to_dict(), **metrics}}
     r = retry.rejection(cfg, row)
     assert r.causes == ["general", "retention", "broken"]
     assert r.labels == [
