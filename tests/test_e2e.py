@@ -73,7 +73,7 @@ trigger = {{ name = "min_new_tokens", n = 1 }}
 promotion = {{ name = "gate", min_new_improvement = 0.01, max_retention_regression = 0.5, max_general_regression = 0.5 }}
 
 [training]
-# The default recipe (rank 64, min_steps 1000, ...); no early stopping on this tiny holdout.
+# The default recipe (rank 64, passes 8, min_steps 100, ...); no early stopping on this tiny holdout.
 eval_every = 1000
 checkpoint_every = 50
 

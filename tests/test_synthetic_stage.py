@@ -27,14 +27,15 @@ NEW = [
 OLD = ["The lighthouse at Brask was lit in 1871. Its keeper kept a log of every storm."]
 
 
-def make_cfg(tmp_path: Path, base: Path) -> Config:
+def make_cfg(tmp_path: Path, base: Path, *, passes: float = 8.0, **policy: Any) -> Config:
+    training = {"passes": passes, "min_steps": 0, "max_seq_len": 128, "batch_tokens": 256}
     return make_tiny_cfg(
         tmp_path / "state",
         base,
         augment={"method": "permute", "k": 2},
         serving={"mode": "none"},
-        policy={"replay": {"name": "uniform", "ratio": 1.0}},
-        training={"passes": 8.0, "min_steps": 0, "max_seq_len": 128, "batch_tokens": 256},
+        policy={"replay": {"name": "uniform", "ratio": 1.0}, **policy},
+        training={**training, "eval_every": 0, "checkpoint_every": 1000},
     )
 
 
@@ -136,3 +137,27 @@ def never_offered_to_replay(
     assert runner.promote_stage(cfg, db, sid, "test")["status"] == stages.PROMOTED
     buffered = {int(r["chunk_id"]) for r in documents.replay_rows(db, cfg.track)}
     assert set(plan.new_chunk_ids) <= buffered and buffered.isdisjoint(syn_ids)
+
+
+@pytest.mark.slow
+def test_a_real_stage_trains_on_synthetic_text_and_is_sized_by_it(
+    tmp_path: Path, tiny_seed_model: Path
+) -> None:
+    import json
+
+    gate = {"name": "gate", "min_new_improvement": 0.0, "max_general_regression": 1.0}
+    cfg = make_cfg(tmp_path, tiny_seed_model, passes=3.0, promotion=gate)
+    with open_db(cfg.db_path) as db:
+        with transaction(db):
+            add_doc(db, NEW, holdout=["Mira studied at Kiel. The Orm is a river."])
+        assert augment_pending(cfg, db).kept == 4
+        res = runner.run_stage(cfg, db)
+        assert res["status"] in ("promoted", "rejected"), res
+        plan = StagePlan.from_json((stages.get(db, res["stage_id"]) or {})["plan"])
+        packed = json.loads((Path(plan.stage_dir) / "data.json").read_text())
+        sources = Counter(s for row in packed["rows_sources"] for s in row)
+        assert sources["synthetic"] == 4 and sources["new"] == 2
+        sized = packed["new_tokens"] + packed["synthetic_tokens"]
+        assert packed["synthetic_tokens"] > packed["new_tokens"] > 0
+        training = res["metrics"]["training"]
+        assert training["total_steps"] == training["steps"] == -(-3 * sized // 256)
