@@ -5,7 +5,8 @@ One job per module, in the order a file meets them:
 - ``discover``: which names are candidate documents, and how a path is keyed;
 - ``reading``: open a file once and judge the descriptor (no inbox escapes);
 - ``parsers`` / ``clean`` / ``chunking``: bytes to text or chat examples, normalised and
-  filtered, cut lazily into token windows with a train/holdout split;
+  filtered, cut lazily into token windows with a train/holdout split (``htmltext``:
+  HTML at any nesting depth);
 - ``prepare``: all of the above for one file, without writing;
 - ``commit``: what a prepared file means for the store (new, duplicate, new version,
   quarantined), a batch per transaction and a savepoint per file;
