@@ -1,8 +1,9 @@
 """Feeds the inbox into the pipeline: watchdog events, a stability rule, periodic rescans.
 
 Events only mark a path *pending*. One worker thread owns the DB connection and ingests a
-pending file once it is stable: a close-write event was seen (the writer is done), or its
-size and mtime have not changed for ``quiet_period_s``. A full rescan at start and every
+pending file once it is stable: its size and mtime have not changed for ``quiet_period_s``,
+or for a second after a close-write event (unless it keeps being closed and written
+again; see :mod:`daemon.ingest.stability`). A full rescan at start and every
 ``rescan_interval_s`` catches files added while the daemon was down and events lost to an
 inotify overflow; a rescan that finds a file whose mtime is already older than the quiet
 period ingests it at once.
