@@ -178,10 +178,35 @@ def _m002_chunk_scores(conn: sqlite3.Connection) -> None:
     )
 
 
+def _m003_path_key_backslashes(conn: sqlite3.Connection) -> None:
+    """Path keys escape a backslash as two since undecodable bytes became ``\\xNN``."""
+    for table in ("files", "documents"):
+        conn.execute(
+            f"UPDATE {table} SET path = replace(path, '\\', '\\\\') WHERE instr(path, '\\') > 0"
+        )
+
+
+def _m004_unreadable_dirs(conn: sqlite3.Connection) -> None:
+    """Inbox folders that cannot be listed now (see :mod:`store.files`)."""
+    _script(
+        conn,
+        """
+        CREATE TABLE unreadable_dirs (
+            path TEXT PRIMARY KEY,
+            track TEXT NOT NULL DEFAULT 'default',
+            reason TEXT NOT NULL,
+            since REAL NOT NULL
+        );
+        """,
+    )
+
+
 # Append only. Never edit a migration that has shipped; add a new one.
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("001_initial", _m001_initial),
     ("002_chunk_scores", _m002_chunk_scores),
+    ("003_path_key_backslashes", _m003_path_key_backslashes),
+    ("004_unreadable_dirs", _m004_unreadable_dirs),
 ]
 
 

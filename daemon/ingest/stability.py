@@ -112,6 +112,17 @@ class PendingFiles:
             self._items[path] = _Pending(changed_at=changed_at, sig=(st.st_size, st.st_mtime_ns))
             return True
 
+    def add_unreadable(self, path: str) -> bool:
+        """A rescan found ``path`` but cannot stat it: due at once (it is quarantined).
+
+        Returns whether it was not pending before.
+        """
+        with self._lock:
+            if path in self._items:
+                return False
+            self._items[path] = _Pending(changed_at=time.monotonic() - self.quiet)
+            return True
+
     def done(self, path: str, gen: int) -> None:
         """``path`` was ingested as of event generation ``gen``; newer events keep it."""
         with self._lock:
