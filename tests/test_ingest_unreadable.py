@@ -94,12 +94,18 @@ def _rescans_logging(cfg: Config, n: int) -> Callable[[], dict[str, Any]]:
             def emit(self, record: logging.LogRecord) -> None:
                 seen.append(record.getMessage())
 
+        logger = logging.getLogger("evergreen.ingest")
         handler = Collect(logging.WARNING)
-        logging.getLogger("evergreen").addHandler(handler)
+        level, disabled = logger.level, logger.disabled  # other tests configure logging
+        logger.setLevel(logging.WARNING)
+        logger.disabled = False
+        logger.addHandler(handler)
         try:
             summaries = [InboxWatcher(cfg).rescan() for _ in range(n)]
         finally:
-            logging.getLogger("evergreen").removeHandler(handler)
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            logger.disabled = disabled
         return {"warnings": seen, "summaries": summaries}
 
     return run
