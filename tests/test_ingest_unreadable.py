@@ -33,7 +33,7 @@ OLD = 1_600_000_000  # an mtime long settled: a rescan ingests at once
 
 
 @pytest.fixture
-def base() -> Iterator[Path]:
+def unprivileged_base() -> Iterator[Path]:
     """A directory nobody can reach (pytest's tmp_path is under root's 0700 folder)."""
     path = Path(tempfile.mkdtemp(prefix="evergreen-unreadable-", dir="/tmp"))
     path.chmod(0o755)
@@ -56,11 +56,17 @@ def _write(path: Path, text: str) -> None:
     os.utime(path, (OLD, OLD))
 
 
-def _as_unprivileged(base: Path, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """``fn()`` as a user the permission bits apply to; returns what it returned."""
+def as_unprivileged(
+    base: Path, fn: Callable[[], dict[str, Any]], *, chown: bool = True
+) -> dict[str, Any]:
+    """``fn()`` as a user the permission bits apply to; returns what it returned.
+
+    As root: in a forked child that became ``nobody``, after ``base`` was given to
+    nobody (unless ``chown`` is false).
+    """
     if os.geteuid() != 0:
         return fn()
-    for p in (base, *base.rglob("*")):
+    for p in (base, *base.rglob("*")) if chown else ():
         os.chown(p, NOBODY, NOBODY, follow_symlinks=False)
     read, write = os.pipe()
     pid = os.fork()
@@ -116,7 +122,10 @@ def _count(cfg: Config) -> int:
         return files.count_unreadable_dirs(db, cfg.track)
 
 
-def test_unreadable_folder_is_logged_once_counted_and_its_files_kept(base: Path) -> None:
+def test_unreadable_folder_is_logged_once_counted_and_its_files_kept(
+    unprivileged_base: Path,
+) -> None:
+    base = unprivileged_base
     cfg = _cfg(base)
     inbox = Path(cfg.inbox_dir)
     _write(inbox / "ok.txt", LOREM + " readable")
@@ -127,7 +136,7 @@ def test_unreadable_folder_is_logged_once_counted_and_its_files_kept(base: Path)
     _write(inbox / "listonly" / "new.txt", LOREM + " in a folder that can be listed only")
     (inbox / "locked").chmod(0o000)
     (inbox / "listonly").chmod(0o644)  # names readable, but no entry can be stat'ed
-    result = _as_unprivileged(base, _rescans_logging(cfg, 3))
+    result = as_unprivileged(base, _rescans_logging(cfg, 3))
 
     locked = str(inbox / "locked")
     warnings = [w for w in result["warnings"] if "cannot read inbox folder" in w]
@@ -157,13 +166,14 @@ def test_unreadable_folder_is_logged_once_counted_and_its_files_kept(base: Path)
     assert [e["subject"] for e in back] == [locked]
 
 
-def test_unreadable_inbox_itself_marks_nothing_gone(base: Path) -> None:
+def test_unreadable_inbox_itself_marks_nothing_gone(unprivileged_base: Path) -> None:
+    base = unprivileged_base
     cfg = _cfg(base)
     inbox = Path(cfg.inbox_dir)
     _write(inbox / "a.txt", LOREM + " a")
     assert InboxWatcher(cfg).rescan()["outcomes"]["ingested"] == 1
     inbox.chmod(0o000)
-    result = _as_unprivileged(base, _rescans_logging(cfg, 2))
+    result = as_unprivileged(base, _rescans_logging(cfg, 2))
     assert sum("cannot read inbox folder" in w for w in result["warnings"]) == 1
     assert _count(cfg) == 1
     assert [r["status"] for r in rows(cfg, "SELECT status FROM files")] == ["ingested"]
