@@ -23,6 +23,7 @@ import pytest
 
 from daemon import config as config_mod
 from daemon.config import Config
+from daemon.ingest.pipeline import ingest_paths
 from daemon.ingest.watcher import InboxWatcher
 from store import files
 from store.db import open_db
@@ -92,26 +93,35 @@ def as_unprivileged(
     return result
 
 
+def _capture_warnings(fn: Callable[[], Any]) -> list[str]:
+    """Run ``fn``; the warnings the ``evergreen.ingest`` loggers logged meanwhile."""
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger("evergreen.ingest")
+    handler = Collect(logging.WARNING)
+    level, disabled = logger.level, logger.disabled  # other tests configure logging
+    logger.setLevel(logging.WARNING)
+    logger.disabled = False
+    logger.addHandler(handler)
+    try:
+        fn()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.disabled = disabled
+    return seen
+
+
 def _rescans_logging(cfg: Config, n: int) -> Callable[[], dict[str, Any]]:
     def run() -> dict[str, Any]:
-        seen: list[str] = []
-
-        class Collect(logging.Handler):
-            def emit(self, record: logging.LogRecord) -> None:
-                seen.append(record.getMessage())
-
-        logger = logging.getLogger("evergreen.ingest")
-        handler = Collect(logging.WARNING)
-        level, disabled = logger.level, logger.disabled  # other tests configure logging
-        logger.setLevel(logging.WARNING)
-        logger.disabled = False
-        logger.addHandler(handler)
-        try:
-            summaries = [InboxWatcher(cfg).rescan() for _ in range(n)]
-        finally:
-            logger.removeHandler(handler)
-            logger.setLevel(level)
-            logger.disabled = disabled
+        summaries: list[dict[str, Any]] = []
+        seen = _capture_warnings(
+            lambda: summaries.extend(InboxWatcher(cfg).rescan() for _ in range(n))
+        )
         return {"warnings": seen, "summaries": summaries}
 
     return run
@@ -177,3 +187,22 @@ def test_unreadable_inbox_itself_marks_nothing_gone(unprivileged_base: Path) -> 
     assert sum("cannot read inbox folder" in w for w in result["warnings"]) == 1
     assert _count(cfg) == 1
     assert [r["status"] for r in rows(cfg, "SELECT status FROM files")] == ["ingested"]
+
+
+def test_one_shot_ingest_of_a_folder_logs_its_unreadable_subfolder(unprivileged_base: Path) -> None:
+    base = unprivileged_base
+    cfg = _cfg(base)
+    folder = base / "docs"
+    _write(folder / "ok.txt", LOREM + " one-shot")
+    _write(folder / "locked" / "hidden.txt", LOREM + " behind a locked folder")
+    (folder / "locked").chmod(0o000)
+    ingest_paths(cfg, [folder])  # as root first: lazy imports happen here, not as nobody
+
+    def run() -> dict[str, Any]:
+        got = _capture_warnings(lambda: ingest_paths(cfg, [folder]))
+        return {"warnings": got}
+
+    result = as_unprivileged(base, run)
+    assert [w for w in result["warnings"] if "cannot read folder" in w] == [
+        f"cannot read folder {folder / 'locked'} (Permission denied); its files are skipped"
+    ]

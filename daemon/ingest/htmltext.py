@@ -40,7 +40,7 @@ _VOID = _tags("area base basefont br col embed frame hr img input keygen link me
 _VOID |= _tags("track wbr")
 _SIBLING_CLOSES = _tags("p li dt dd option tr td th thead tbody tfoot")
 _RAW_TEXT = _tags("script style")  # their content is text to the tokenizer
-_HIDDEN = _tags("head script style title template")  # not rendered
+_HIDDEN = _tags("head script style title")  # what inscriptis does not render
 _BLOCK = _tags("address article aside blockquote br dd div dl dt figcaption figure footer form")
 _BLOCK |= _tags("h1 h2 h3 h4 h5 h6 header hr li main nav ol p pre section table tr ul")
 

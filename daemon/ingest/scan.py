@@ -123,9 +123,10 @@ def record_unreadable_dirs(
             events.record(db, "ingest.unreadable_dir", message, subject=key, track=track, data=data)
         for key in back:
             files.set_dir_readable(db, key)
-            message = f"inbox folder {key} can be read again"
+            state = "can be read again" if os.path.isdir(key_path(key)) else "is gone"
+            message = f"inbox folder {key} {state}"
             events.record(db, "ingest.readable_dir", message, subject=key, track=track)
     for key in new:
         log.warning("cannot read inbox folder %s (%s); its files are skipped", key, now[key])
     for key in back:
-        log.info("inbox folder %s can be read again", key)
+        log.info("inbox folder %s is no longer unreadable", key)
