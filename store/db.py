@@ -28,6 +28,8 @@ from types import TracebackType
 
 import sqlite_utils
 
+from store.errors import store_error
+
 BUSY_TIMEOUT_MS = 30_000
 
 Migration = Callable[[sqlite3.Connection], None]
@@ -211,23 +213,44 @@ def _m003_synthetic_chunks(conn: sqlite3.Connection) -> None:
     )
 
 
+def _m004_path_key_backslashes(conn: sqlite3.Connection) -> None:
+    """Path keys escape a backslash as two since undecodable bytes became ``\\xNN``."""
+    for table in ("files", "documents"):
+        conn.execute(
+            f"UPDATE {table} SET path = replace(path, '\\', '\\\\') WHERE instr(path, '\\') > 0"
+        )
+
+
+def _m005_unreadable_dirs(conn: sqlite3.Connection) -> None:
+    """Inbox folders that cannot be listed now (see :mod:`store.files`)."""
+    _script(
+        conn,
+        """
+        CREATE TABLE unreadable_dirs (
+            path TEXT PRIMARY KEY,
+            track TEXT NOT NULL DEFAULT 'default',
+            reason TEXT NOT NULL,
+            since REAL NOT NULL
+        );
+        """,
+    )
+
+
 # Append only. Never edit a migration that has shipped; add a new one.
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("001_initial", _m001_initial),
     ("002_chunk_scores", _m002_chunk_scores),
     ("003_synthetic_chunks", _m003_synthetic_chunks),
+    ("004_path_key_backslashes", _m004_path_key_backslashes),
+    ("005_unreadable_dirs", _m005_unreadable_dirs),
 ]
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(
-        str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
-    )
+def _configure(conn: sqlite3.Connection) -> None:
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     _enable_wal(conn)
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute("PRAGMA foreign_keys = ON")
-    return conn
 
 
 def _enable_wal(conn: sqlite3.Connection) -> None:
@@ -307,12 +330,30 @@ def open_db(
     """Open (creating if needed) the store at ``path``, migrated to the latest schema.
 
     ``cache_mib`` raises SQLite's page cache for this connection (bulk ingest keeps the
-    index pages of ``files`` and ``documents`` hot with 64 MiB).
+    index pages of ``files`` and ``documents`` hot with 64 MiB). A database the user must
+    do something about (disk full, corrupt, unwritable, locked too long) raises a
+    :class:`~store.errors.StoreError` whose one line names the file and the fix.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = _connect(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = _connect_and_migrate(path, apply_migrations, cache_mib)
+    except (sqlite3.Error, OSError) as exc:
+        err = store_error(exc, path)
+        if err is None:
+            raise
+        raise err from exc
+    return Database(conn)
+
+
+def _connect_and_migrate(
+    path: Path, apply_migrations: bool, cache_mib: int | None
+) -> sqlite3.Connection:
+    conn = sqlite3.connect(
+        str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+    )
+    try:
+        _configure(conn)
         if cache_mib is not None:
             conn.execute(f"PRAGMA cache_size = {-1024 * int(cache_mib)}")  # negative = KiB
         if apply_migrations:
@@ -320,7 +361,7 @@ def open_db(
     except BaseException:
         conn.close()
         raise
-    return Database(conn)
+    return conn
 
 
 @contextmanager
