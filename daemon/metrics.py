@@ -27,6 +27,7 @@ from prometheus_client import (
 )
 
 from daemon import __version__
+from store.contracts import StageResult
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,16 @@ class Metrics:
             "Throughput of the running/last stage.",
             registry=r,
         )
+        self.stage_progress_ratio = Gauge(
+            "evergreen_stage_progress_ratio",
+            "Running stage: optimizer steps done / planned (0 when no stage runs).",
+            registry=r,
+        )
+        self.stage_tokens_per_second = Gauge(
+            "evergreen_stage_tokens_per_second",
+            "Running stage: current training throughput (0 when no stage runs).",
+            registry=r,
+        )
         self.eval_loss = Gauge(
             "evergreen_eval_loss", "Last stage's candidate loss, by set.", ["set"], registry=r
         )
@@ -164,15 +175,23 @@ class Metrics:
             self.documents_quarantined.labels(reason or "unknown").inc()
 
     # ---- stages
-    def on_stage_finished(self, result: dict[str, Any]) -> None:
-        status = str(result.get("status", "failed"))
+    def on_stage_finished(
+        self,
+        result: StageResult,
+        *,
+        duration_s: float | None = None,
+        finished_at: float | None = None,
+    ) -> None:
+        """A stage ended (``duration_s``/``finished_at`` from its row, when it has them)."""
+        status = result.status
         if status in STAGE_OUTCOMES:
             self.stages.labels(status).inc()
-        if result.get("duration_s") is not None:
-            self.stage_duration.observe(float(result["duration_s"]))
-        if status == "promoted" and result.get("finished_at"):
-            self.last_stage_success.set(float(result["finished_at"]))
-        metrics = result.get("metrics") or {}
+        if duration_s is not None:
+            self.stage_duration.observe(duration_s)
+        if status == "promoted" and finished_at:
+            self.last_stage_success.set(finished_at)
+        self.set_stage_progress(None)
+        metrics = result.metrics
         cand, base = metrics.get("candidate") or {}, metrics.get("baseline") or {}
         for name in EVAL_SETS:
             value = cand.get(f"{name}_loss")
@@ -183,9 +202,24 @@ class Metrics:
             self.forgetting_ratio.set(cr / br)
 
     def on_stage_progress(self, progress: dict[str, Any]) -> None:
-        tps = progress.get("tokens_per_s")
-        if isinstance(tps, int | float):
-            self.train_tokens_per_second.set(tps)
+        """A progress line of the running stage (also read back from the store by the
+        daemon's refresh, so a resumed or restarted daemon shows it too)."""
+        self.set_stage_progress(progress)
+
+    def set_stage_progress(self, progress: dict[str, Any] | None) -> None:
+        """Progress gauges from a stage's progress dict; ``None`` = no stage runs (0)."""
+        progress = progress or {}
+        step, total, tps = progress.get("step"), progress.get("total"), progress.get("tokens_per_s")
+        ratio = 0.0
+        if progress.get("phase") == "evaluate":
+            ratio = 1.0  # training is done; the candidate is being evaluated
+        elif isinstance(step, int | float) and isinstance(total, int | float) and total > 0:
+            ratio = min(1.0, max(0.0, step / total))
+        self.stage_progress_ratio.set(ratio)
+        running_tps = float(tps) if isinstance(tps, int | float) else 0.0
+        self.stage_tokens_per_second.set(running_tps)
+        if running_tps:
+            self.train_tokens_per_second.set(running_tps)
 
     # ---- serving
     def on_swap(self, seconds: float, ok: bool, when: float) -> None:
