@@ -61,6 +61,18 @@ class Metrics:
             registry=r,
         )
         self.build_info.labels(__version__, platform.python_version()).set(1)
+        self._define_ingest(r)
+        self._define_stages(r)
+        self._define_serving(r)
+        self.loop_heartbeat = Gauge(
+            "evergreen_loop_heartbeat_timestamp_seconds",
+            "Last main-loop iteration (for liveness).",
+            registry=r,
+        )
+        self._adapter_version: str | None = None
+        self._lock = threading.Lock()
+
+    def _define_ingest(self, r: CollectorRegistry) -> None:
         self.documents_seen = Counter(
             "evergreen_documents_seen_total", "Files seen in the inbox (any outcome).", registry=r
         )
@@ -83,6 +95,13 @@ class Metrics:
         self.pending_tokens = Gauge(
             "evergreen_pending_tokens", "Tokens ingested but not yet trained.", registry=r
         )
+        self.staleness = Gauge(
+            "evergreen_model_staleness_seconds",
+            "Age of the oldest document not yet in the served model (0 = fresh).",
+            registry=r,
+        )
+
+    def _define_stages(self, r: CollectorRegistry) -> None:
         self.stages = Counter(
             "evergreen_stages_total", "Finished stages, by outcome.", ["outcome"], registry=r
         )
@@ -95,17 +114,6 @@ class Metrics:
             buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200),
             registry=r,
         )
-        self.swap_duration = Histogram(
-            "evergreen_swap_duration_seconds",
-            "Wall time of a hot swap on all endpoints.",
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
-            registry=r,
-        )
-        self.swaps = Counter(
-            "evergreen_swaps_total", "Hot swaps, by outcome.", ["outcome"], registry=r
-        )
-        for outcome in SWAP_OUTCOMES:
-            self.swaps.labels(outcome)
         self.train_tokens_per_second = Gauge(
             "evergreen_training_tokens_per_second",
             "Throughput of the running/last stage.",
@@ -131,16 +139,24 @@ class Metrics:
             "Last stage: candidate retention loss / parent retention loss (>1 = forgetting).",
             registry=r,
         )
-        self.staleness = Gauge(
-            "evergreen_model_staleness_seconds",
-            "Age of the oldest document not yet in the served model (0 = fresh).",
-            registry=r,
-        )
         self.last_stage_success = Gauge(
             "evergreen_last_stage_success_timestamp_seconds",
             "Unix time of the last promoted stage.",
             registry=r,
         )
+
+    def _define_serving(self, r: CollectorRegistry) -> None:
+        self.swap_duration = Histogram(
+            "evergreen_swap_duration_seconds",
+            "Wall time of a hot swap on all endpoints.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+            registry=r,
+        )
+        self.swaps = Counter(
+            "evergreen_swaps_total", "Hot swaps, by outcome.", ["outcome"], registry=r
+        )
+        for outcome in SWAP_OUTCOMES:
+            self.swaps.labels(outcome)
         self.last_swap = Gauge(
             "evergreen_last_swap_timestamp_seconds",
             "Unix time of the last successful swap.",
@@ -155,13 +171,6 @@ class Metrics:
         self.vllm_up = Gauge(
             "evergreen_vllm_up", "1 if the vLLM endpoint answers /health.", ["endpoint"], registry=r
         )
-        self.loop_heartbeat = Gauge(
-            "evergreen_loop_heartbeat_timestamp_seconds",
-            "Last main-loop iteration (for liveness).",
-            registry=r,
-        )
-        self._adapter_version: str | None = None
-        self._lock = threading.Lock()
 
     # ---- ingest
     def on_ingest_outcome(self, outcome: str, reason: str | None = None) -> None:

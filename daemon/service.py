@@ -7,9 +7,14 @@ Threads, each with its own SQLite connection:
   batch it pokes the stage worker so triggers are evaluated right after ingest.
 - the **scheduler** (APScheduler, policies.schedule): pokes the stage worker every
   ``policy.interval_s``.
-- the **stage worker**: on a poke, evaluates the trigger policy and, when it fires, runs one
-  stage (plan -> subprocess -> eval -> gate -> promote -> swap). One stage at a time by
-  construction: there is one worker.
+- the **stage worker** (daemon/worker.py): on a poke, scores new data when a policy reads
+  scores, evaluates the trigger policy and, when it fires, runs one stage (plan ->
+  subprocess -> eval -> gate -> promote -> swap). One stage at a time by construction:
+  there is one worker.
+
+The layers (daemon.ingest, daemon.training, daemon.serving) never import each other; this
+module wires them: the runner gets :meth:`Service.promote` (serving's promotion with the
+daemon's swapper) as its ``promote`` callable.
 
 The daemon process never imports torch: the seed build, stages and scorers are
 subprocesses, which keeps the idle daemon small (RSS, CPU).
@@ -42,11 +47,7 @@ from daemon.serving.promotion import Promotion
 from daemon.serving.swap import Swapper, SwapResult
 from daemon.serving.vllm import ManagedVLLM
 from daemon.status import collect
-from daemon.training.runner import resume_or_fail_running, run_stage
-from daemon.training.scoring import Scorer
-from daemon.training.spawn import warm_trainer
-from daemon.training.warm import WarmTrainer
-from policies.engine import explain_next
+from daemon.worker import StageWorker
 from policies.schedule import start_scheduler
 from store import adapters, documents, stages
 from store.contracts import StageResult
@@ -67,104 +68,6 @@ SUPERVISE_INTERVAL_S = 3.0  # one vLLM /health probe per interval (restart with 
 
 class ServiceError(EvergreenError, RuntimeError):
     """Start-up failed in a way the user must fix (bad base model, vLLM never healthy)."""
-
-
-class StageWorker(threading.Thread):
-    """Runs at most one stage at a time, when the trigger policy fires.
-
-    Between stages it also runs the scorer (:class:`Scorer`) on new data, so the trigger
-    and the selection see its loss before a stage trains on it; both happen on this one
-    thread, so the scorer never runs while a stage does.
-    """
-
-    def __init__(self, service: Service) -> None:
-        super().__init__(name="stage-worker", daemon=True)
-        self.service = service
-        self.wake = threading.Event()
-        self.stop_event = threading.Event()
-        self.busy = threading.Event()
-
-    def poke(self) -> None:
-        self.wake.set()
-
-    def run(self) -> None:
-        cfg = self.service.cfg
-        db = open_db(cfg.db_path)
-        warm = warm_trainer(cfg) if cfg.training.prewarm else None
-        scorer = Scorer(cfg)
-        try:
-            self._resume(db)
-            while not self.stop_event.is_set():
-                if warm is not None:
-                    warm.prewarm()  # after the previous stage's swap: it does not slow it
-                self.wake.wait()
-                self.wake.clear()
-                if self.stop_event.is_set():
-                    break
-                self._score(db, scorer)
-                if not self.stop_event.is_set():
-                    self._maybe_train(db, warm)
-        finally:
-            if warm is not None:
-                warm.close()
-            db.conn.close()
-
-    def _resume(self, db: sqlite_utils.Database) -> None:
-        """Finish the stages a previous daemon left active (before anything new)."""
-        self.busy.set()
-        try:
-            for result in resume_or_fail_running(
-                self.service.cfg,
-                db,
-                promote=self.service.promote,
-                on_progress=self.service.on_progress,
-                stop_event=self.stop_event,
-            ):
-                self.service.on_stage_finished(db, result)
-        except Exception:
-            log.exception("resuming interrupted stages failed")
-        finally:
-            self.busy.clear()
-
-    def _score(self, db: sqlite_utils.Database, scorer: Scorer) -> None:
-        """Score a bounded batch of new data if a configured policy reads scores."""
-        try:
-            run = scorer.run(db, stop_event=self.stop_event)
-        except Exception:
-            log.exception("scoring failed")
-            return
-        if run is not None and run.more:
-            self.poke()  # the rest on the next turn, after the trigger has had its say
-
-    def _maybe_train(self, db: sqlite_utils.Database, warm: WarmTrainer | None) -> None:
-        cfg = self.service.cfg
-        try:
-            decision = explain_next(cfg, db)
-        except Exception:
-            log.exception("trigger evaluation failed")
-            return
-        if not decision.get("fire"):
-            return
-        log.info("stage triggered: %s", "; ".join(decision.get("reasons", [])))
-        self.busy.set()
-        self.service.metrics.stage_running.set(1)
-        try:
-            result = run_stage(
-                cfg,
-                db,
-                promote=self.service.promote,
-                on_progress=self.service.on_progress,
-                stop_event=self.stop_event,
-                warm=warm,
-            )
-            self.service.on_stage_finished(db, result)
-            if result.status == "promoted":
-                self.poke()  # more data may have arrived meanwhile
-        except Exception:
-            log.exception("stage run failed")
-        finally:
-            self.busy.clear()
-            self.service.metrics.stage_running.set(0)
 
 
 class Service:

@@ -133,6 +133,3 @@ class VLLMClient:
         if resp.status_code == 404 and "not loaded" not in resp.text:
             raise PluginMissingError(f"{self.name}: the evergreen vLLM plugin is not loaded")
         return dict(self._ok(resp, f"alias {alias} -> {target}").json())
-
-    def metrics(self) -> str:
-        return self._ok(self._request("GET", "/metrics"), "metrics").text
