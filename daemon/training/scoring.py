@@ -97,7 +97,7 @@ class Scorer:
 
     A chunk the scorer could not score (it skips chunks it cannot encode) is not offered
     again under the same adapter, so an unscorable chunk cannot make every wake-up start
-    a scorer.
+    a scorer; that memory is per adapter, and forgotten when the current adapter changes.
     """
 
     def __init__(
@@ -112,7 +112,8 @@ class Scorer:
         self.max_chunks = max_chunks
         self.max_tokens = max_tokens
         self.timeout_s = timeout_s
-        self._tried: set[tuple[str, int]] = set()
+        self._tried_version = ""
+        self._tried: set[int] = set()
 
     def run(
         self, db: sqlite_utils.Database, *, stop_event: threading.Event | None = None
@@ -120,13 +121,15 @@ class Scorer:
         """Score the next batch; None when no configured policy needs a score now."""
         needs = engine.scoring_needs(self.cfg, db)
         version = str(needs.get("adapter_version") or "")
-        wanted = [
-            int(i) for i in needs.get("chunk_ids", []) if (version, int(i)) not in self._tried
-        ]
+        if version != self._tried_version:
+            self._tried_version, self._tried = version, set()
+        wanted = [int(i) for i in needs.get("chunk_ids", []) if int(i) not in self._tried]
         if not wanted:
             return None
         ids, tokens = self._budget(db, wanted)
-        self._tried.update((version, i) for i in ids)
+        if not ids:  # the chunks went away meanwhile (superseded documents)
+            return None
+        self._tried.update(ids)
         started = time.monotonic()
         rc = score_chunks(
             self.cfg, version or None, ids, timeout_s=self.timeout_s, stop_event=stop_event
