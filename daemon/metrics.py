@@ -100,6 +100,11 @@ class Metrics:
             "Age of the oldest document not yet in the served model (0 = fresh).",
             registry=r,
         )
+        self.inbox_unreadable_dirs = Gauge(
+            "evergreen_inbox_unreadable_dirs",
+            "Inbox folders the last scan could not list (their files are not ingested).",
+            registry=r,
+        )
 
     def _define_stages(self, r: CollectorRegistry) -> None:
         self.stages = Counter(

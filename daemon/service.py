@@ -39,6 +39,7 @@ from daemon import config as config_mod
 from daemon import logs
 from daemon.config import Config
 from daemon.errors import EvergreenError
+from daemon.ingest import ensure_dirs
 from daemon.ingest.watcher import InboxWatcher
 from daemon.metrics import Metrics, endpoint_label, serve_http
 from daemon.notify import Notifier
@@ -49,7 +50,7 @@ from daemon.serving.swap import Swapper, SwapResult
 from daemon.serving.vllm import ManagedVLLM
 from daemon.status import collect
 from daemon.worker import StageWorker
-from store import adapters, documents, stages
+from store import adapters, documents, files, stages
 from store.contracts import StageResult
 from store.db import open_db
 
@@ -183,8 +184,8 @@ class Service:
 
     def start(self) -> None:
         cfg = self.cfg
-        for d in (cfg.state_path, Path(cfg.inbox_dir), cfg.logs_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        ensure_dirs(cfg)  # one clear line if state_dir or inbox_dir is a file
+        cfg.logs_dir.mkdir(parents=True, exist_ok=True)
         self._db = open_db(cfg.db_path)  # migrates; the main loop's own connection
         cfg_file = self._write_effective_config()
         if self.training or cfg.serving.mode == "managed":
@@ -261,6 +262,7 @@ class Service:
         self.metrics.pending_tokens.set(documents.pending_tokens(db, track))
         oldest = documents.oldest_pending_train_at(db, track)
         self.metrics.staleness.set(now - oldest if oldest else 0.0)
+        self.metrics.inbox_unreadable_dirs.set(files.count_unreadable_dirs(db, track))
         active = stages.active(db, track)  # at most one: planned, running, trained, evaluated
         self.metrics.set_stage_progress(active[0]["progress"] if active else None)
         if self.swapper is None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import sqlite_utils
 
+from daemon.augment import augment_pending
 from daemon.scheduling.decisions import explain_next
 from daemon.training.runner import resume_or_fail_running, run_stage
 from daemon.training.scoring import Scorer
@@ -60,6 +61,7 @@ class StageWorker(threading.Thread):
                 self.wake.clear()
                 if self.stop_event.is_set():
                     break
+                self._augment(db)
                 self._score(db, scorer)
                 if not self.stop_event.is_set():
                     self._maybe_train(db, warm)
@@ -84,6 +86,13 @@ class StageWorker(threading.Thread):
             log.exception("resuming interrupted stages failed")
         finally:
             self.busy.clear()
+
+    def _augment(self, db: sqlite_utils.Database) -> None:
+        """Write synthetic study text for new chunks (``[augment]``) before they train."""
+        try:
+            augment_pending(self.service.cfg, db, should_stop=self.stop_event.is_set)
+        except Exception:
+            log.exception("augmentation failed")
 
     def _score(self, db: sqlite_utils.Database, scorer: Scorer) -> None:
         """Score a bounded batch of new data if a configured policy reads scores."""
