@@ -27,7 +27,7 @@ from daemon.serving.adapters import (
     link_for_resolver,
     validate_adapter_dir,
 )
-from daemon.serving.apikey import API_KEY_FILE, load_or_create_api_key
+from daemon.serving.apikey import load_or_create_api_key
 from daemon.serving.audit import store_db
 from daemon.serving.client import VLLMClient
 from daemon.serving.swap import SwapError, Swapper, SwapResult
@@ -142,7 +142,7 @@ def cli_endpoints(cfg: Config) -> list[VLLMClient]:
     if mode == "external":
         return Swapper.from_config(cfg).endpoints
     host = f"[{cfg.serving.host}]" if ":" in cfg.serving.host else cfg.serving.host
-    key_file = cfg.state_path / API_KEY_FILE
+    key_file = cfg.api_key_path
     if not cfg.serving.api_key and not key_file.exists():
         return []  # the managed server never ran in this state dir
     ep = VLLMClient(
