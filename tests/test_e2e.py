@@ -26,14 +26,15 @@ FACT_ANSWER = "quenmar"
 
 # The recipe is sized to what the test checks, one fact stated many times, not to the
 # continual benchmark's 4 domains of facts (the defaults: rank 64, min_steps 1000): rank 16
-# (alpha 32, so updates are scaled x2, not x0.5) and ~80 steps of 1024 tokens teach the
-# tiny seed this fact; max_steps caps the stage whatever the defaults become, so a loaded
-# machine takes minutes for it, not a quarter of an hour.
-MIN_STEPS, MAX_STEPS = 80, 120
+# (alpha 32, so updates are scaled x2, not x0.5), lr 5e-3 and 150 steps of 1024 tokens
+# teach the 30-step tiny seed this fact (80 steps at 3e-3 did not: " qu the Z."); max_steps
+# caps the stage whatever the defaults become, so a loaded machine takes minutes for it.
+MIN_STEPS, MAX_STEPS = 150, 200
 CONFIG: dict[str, Any] = {
     "stop_grace_s": 30.0,
-    # a little more pretraining than the unit-test seed: facts stick in fewer steps
-    "seed": {"size": "tiny", "steps": 200},
+    # the tiny seed as the unit tests build it (30 steps): built in ~30 s even on a loaded
+    # machine, and always fully; 200 steps ran into the 300 s build budget (159 steps) there
+    "seed": {"size": "tiny"},
     "ingest": {"quiet_period_s": 0.5, "chunk_tokens": 128, "holdout_fraction": 0.1},
     "policy": {
         "interval_s": 2.0,
@@ -48,7 +49,7 @@ CONFIG: dict[str, Any] = {
     },
     "training": {
         "lora_rank": 16,
-        "learning_rate": 3e-3,
+        "learning_rate": 5e-3,
         "batch_tokens": 1024,
         "epochs": 1.0,  # min_steps sets the length: the document repeats until then
         "min_steps": MIN_STEPS,
