@@ -8,8 +8,10 @@ scored by containment). The sequence runs with uniform replay, without replay, a
 ``most_forgotten`` replay at the same replay budget; then the stage trainer's throughput is
 compared with a plain ``transformers.Trainer`` + peft that pads each batch to its longest.
 
-Usage: ``python benchmarks/continual.py [--quick] [--workdir DIR]``. The last line printed
-is one JSON object with the figures.
+Usage: ``python benchmarks/continual.py [--quick] [--smoke] [--workdir DIR]``. The last
+line printed is one JSON object with the figures. ``--smoke`` (CI): 2 domains x 2 facts in
+4 phrasings, a 30-step seed, 10-step stages and 8 documents for the speed comparison; the
+same runs and JSON fields, none of the targets.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import add_smoke_flag, report  # noqa: E402
 from daemon import config as config_mod  # noqa: E402
 from daemon.training import runner  # noqa: E402
 from daemon.training.seed import ensure_seed_model  # noqa: E402
@@ -185,6 +188,23 @@ BENCH_RECIPE: dict[str, Any] = {
     "eval_every": 0,
     "max_seq_len": 256,
 }
+FIELDS = (
+    "recall_matrix_replay",
+    "recall_matrix_noreplay",
+    "acquisition",
+    "retention_first",
+    "retention_first_noreplay",
+    "replay_token_overhead",
+    "general_ppl_drift",
+    "trainer_speedup",
+    "retention_first_most_forgotten",
+    "acquisition_most_forgotten",
+    "n_domains",
+    "n_facts",
+    "data_seed",
+    "quick",
+    "elapsed_s",
+)
 
 
 def _name(rng: random.Random, parts: int) -> str:
@@ -493,7 +513,10 @@ def main() -> None:
         default=400,
         help="Pretraining steps of the tiny seed used as the base model.",
     )
+    add_smoke_flag(ap)
     args = ap.parse_args()
+    if args.smoke:
+        args.domains, args.facts, args.phrasings, args.seed_steps = 2, 2, 4, 30
     from transformers import AutoTokenizer
 
     from daemon.config import TrainingConfig
@@ -517,6 +540,8 @@ def main() -> None:
     training.update(BENCH_RECIPE)
     if args.quick:
         training["min_steps"] = training["min_steps"] // 2
+    if args.smoke:
+        training["min_steps"] = 10
     for item in args.set:
         key, _, value = item.partition("=")
         training[key] = type(training[key])(json.loads(value))
@@ -554,7 +579,7 @@ def main() -> None:
         )
     speedup = None
     if "speed" not in skip:
-        docs = speed_docs(tok, 60 if args.quick else 120, seed=1)
+        docs = speed_docs(tok, 8 if args.smoke else 60 if args.quick else 120, seed=1)
         ev = speed_evergreen(base, work, docs, tok, training)
         hf = speed_hf_trainer(base, work, docs, training, batch=8)
         speedup = ev / hf
@@ -591,17 +616,18 @@ def main() -> None:
         "general_ppl_drift": ("<=", 0.05),
         "trainer_speedup": (">=", 1.5),
     }
-    print("\nsummary:")
+    summary = ["", "summary:"]
     for key, (op, goal) in targets.items():
         v = out[key]
         ok = v is not None and (v >= goal if op == ">=" else v <= goal)
-        print(
+        summary.append(
             f"  {key:24s} {v if v is None else round(v, 3)!s:>8}  target {op} {goal}"
             f"  {'OK' if ok else 'MISS'}"
         )
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(out))
+    out["smoke"] = args.smoke
+    report("continual", summary, out, FIELDS)
 
 
 if __name__ == "__main__":
