@@ -19,12 +19,14 @@ test: install
 	bash scripts/ensure-prometheus.sh
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy daemon policies store
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
 	$(MAKE) bench-smoke
 
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy daemon policies store
+	$(VENV)/bin/lint-imports
 
 # Every benchmark, full size (slow: tens of minutes on 2 cores).
 bench: install

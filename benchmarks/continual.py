@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import add_smoke_flag, report  # noqa: E402
 from daemon import config as config_mod  # noqa: E402
-from daemon.training import runner  # noqa: E402
+from daemon.serving import promotion  # noqa: E402
+from daemon.training import finish, runner  # noqa: E402
 from daemon.training.seed import ensure_seed_model  # noqa: E402
 from policies.replay import DEFAULT_RATIO  # noqa: E402
 from store import documents  # noqa: E402
@@ -266,6 +267,15 @@ def domain_documents(
     return train, hold
 
 
+def _store_only(cfg: Any, *, force: bool = False) -> Any:
+    """Promotion without vLLM (the benchmark scores recall itself): the pointer only."""
+
+    def promote(version: str, reason: str) -> promotion.Promotion:
+        return promotion.promote(cfg, version, reason, swap=False, force=force)
+
+    return promote
+
+
 def bench_cfg(
     state: Path, base: Path, eval_sets: list[str], replay: dict[str, Any], training: dict[str, Any]
 ) -> config_mod.Config:
@@ -320,16 +330,22 @@ def run_sequence(
     for i, dom in enumerate(domains):
         train, hold = domain_documents(dom, seed=i)
         _add_doc(db, tok, train, hold, f"/inbox/{dom['name']}.txt")
-        res = runner.run_stage(cfg, db)
-        if res["status"] not in ("promoted", "rejected"):
-            raise RuntimeError(f"{label} stage {i + 1}: {res['status']}: {res.get('reason')}")
-        gate_verdict = res["status"]
+        res = runner.run_stage(cfg, db, promote=_store_only(cfg))
+        if res.status not in ("promoted", "rejected") or res.stage_id is None:
+            raise RuntimeError(f"{label} stage {i + 1}: {res.status}: {res.reason}")
+        gate_verdict = res.status
         if gate_verdict == "rejected":
             # The benchmark measures learning and forgetting, so every stage goes live
             # whatever the gate says (the verdict is still shown); otherwise a rejected
             # domain would silently be retrained with the next one.
-            runner.promote_stage(cfg, db, res["stage_id"], "benchmark: promote regardless")
-        m = res["metrics"]
+            finish.promote_stage(
+                cfg,
+                db,
+                res.stage_id,
+                "benchmark: promote regardless",
+                promote=_store_only(cfg, force=True),
+            )
+        m = res.metrics
         cand, base_m = m["candidate"], m["baseline"]
         if i == 0:
             general.append(base_m["general_loss"])
@@ -423,9 +439,9 @@ def speed_evergreen(base: Path, work: Path, docs: list[str], tok: Any, training:
     )
     db = open_db(cfg.db_path)
     _add_doc(db, tok, docs, [], "/inbox/speed.txt")
-    res = runner.run_stage(cfg, db)
+    res = runner.run_stage(cfg, db, promote=_store_only(cfg))
     db.conn.close()
-    return float(res["metrics"]["training"]["tokens_per_s"])
+    return float(res.metrics["training"]["tokens_per_s"])
 
 
 def speed_hf_trainer(base: Path, work: Path, docs: list[str], training: dict, batch: int) -> float:

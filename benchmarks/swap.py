@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import add_smoke_flag, report  # noqa: E402
 from daemon import config as config_mod  # noqa: E402
+from daemon.serving import promotion  # noqa: E402
 from daemon.serving.swap import Swapper  # noqa: E402
 from daemon.serving.vllm import ManagedVLLM, VLLMError  # noqa: E402
 from tests.fixtures_vllm import free_port, make_lora  # noqa: E402
@@ -284,8 +285,9 @@ def main() -> int:
         for version in versions:
             steps: dict[str, float] = {}
             if args.mechanism == "alias":
-                result = swapper.promote(version, reason="benchmark")
-                seconds, steps = result.seconds, result.stages
+                done = promotion.promote(cfg, version, "benchmark", swapper=swapper)
+                assert done.swap is not None
+                seconds, steps = done.swap.seconds, done.swap.stages
             else:
                 seconds = resolver_swap(cfg, server, version)
             durations.append(seconds)

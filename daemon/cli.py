@@ -278,14 +278,16 @@ def _fmt(value: Any) -> str:
 
 @main.command()
 @click.argument("version")
+@click.option("--force", is_flag=True, help="Promote even a version the gate rejected.")
 @click.pass_context
 @friendly_errors
-def promote(ctx: click.Context, version: str) -> None:
+def promote(ctx: click.Context, version: str, force: bool) -> None:
     """Make VERSION current and swap it into vLLM (if serving is configured)."""
     from daemon.serving import promotion
 
     cfg = _load_config(ctx)
-    console.print(promotion.promote(cfg, version, "manual promote").message, highlight=False)
+    reason = "manual promote (forced past the gate)" if force else "manual promote"
+    console.print(promotion.promote(cfg, version, reason, force=force).message, highlight=False)
 
 
 @main.command()

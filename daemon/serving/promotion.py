@@ -52,14 +52,16 @@ def promote(
     *,
     swapper: Swapper | None = None,
     swap: bool = True,
+    force: bool = False,
 ) -> Promotion:
     """Make ``version`` current: swap it in (all endpoints or none), then move the pointer.
 
     ``swapper`` is the daemon's (its metrics see the swap); without one, the endpoints the
     CLI can reach now are used. ``swap=False`` moves the pointer only (``train --no-swap``).
+    ``force`` overrides the gate's rejection (an operator's call: ``promote --force``).
     Raises :class:`SwapError` (pointer unchanged) when the version cannot be served.
     """
-    _check_promotable(cfg, version)
+    _check_promotable(cfg, version, force=force)
     if swap and swapper is not None:
         return _swap_and_move(cfg, swapper, version, reason)  # the swap validates the dir
     endpoints = cli_endpoints(cfg) if swap else []
@@ -111,13 +113,15 @@ def _move_pointer(
     return Promotion(version, previous, result, message)
 
 
-def _check_promotable(cfg: Config, version: str) -> None:
+def _check_promotable(cfg: Config, version: str, *, force: bool = False) -> None:
     with store_db(cfg) as db:
         row = store_adapters.get(db, version)
     if row is None or row["track"] != cfg.track:
         raise SwapError(f"unknown adapter version {version!r} on track {cfg.track!r}")
-    if row["status"] == store_adapters.REJECTED:
-        raise SwapError(f"adapter {version} was rejected by the promotion gate")
+    if row["status"] == store_adapters.REJECTED and not force:
+        raise SwapError(
+            f"adapter {version} was rejected by the promotion gate (--force promotes it anyway)"
+        )
 
 
 def rollback_target(cfg: Config, version: str | None) -> str:
