@@ -8,8 +8,10 @@ scored by containment). The sequence runs with uniform replay, without replay, a
 ``most_forgotten`` replay at the same replay budget; then the stage trainer's throughput is
 compared with a plain ``transformers.Trainer`` + peft that pads each batch to its longest.
 
-Usage: ``python benchmarks/continual.py [--quick] [--workdir DIR]``. The last line printed
-is one JSON object with the figures.
+Usage: ``python benchmarks/continual.py [--quick] [--smoke] [--workdir DIR]``. The last
+line printed is one JSON object with the figures. ``--smoke`` (CI): 2 domains x 2 facts in
+4 phrasings, a 30-step seed, 10-step stages and 8 documents for the speed comparison; the
+same runs and JSON fields, none of the targets.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import add_smoke_flag, report  # noqa: E402
 from daemon import config as config_mod  # noqa: E402
-from daemon.training import runner  # noqa: E402
+from daemon.serving import promotion  # noqa: E402
+from daemon.training import finish, runner  # noqa: E402
 from daemon.training.seed import ensure_seed_model  # noqa: E402
 from policies.replay import DEFAULT_RATIO  # noqa: E402
 from store import documents  # noqa: E402
@@ -185,6 +189,23 @@ BENCH_RECIPE: dict[str, Any] = {
     "eval_every": 0,
     "max_seq_len": 256,
 }
+FIELDS = (
+    "recall_matrix_replay",
+    "recall_matrix_noreplay",
+    "acquisition",
+    "retention_first",
+    "retention_first_noreplay",
+    "replay_token_overhead",
+    "general_ppl_drift",
+    "trainer_speedup",
+    "retention_first_most_forgotten",
+    "acquisition_most_forgotten",
+    "n_domains",
+    "n_facts",
+    "data_seed",
+    "quick",
+    "elapsed_s",
+)
 
 
 def _name(rng: random.Random, parts: int) -> str:
@@ -246,6 +267,15 @@ def domain_documents(
     return train, hold
 
 
+def _store_only(cfg: Any, *, force: bool = False) -> Any:
+    """Promotion without vLLM (the benchmark scores recall itself): the pointer only."""
+
+    def promote(version: str, reason: str) -> promotion.Promotion:
+        return promotion.promote(cfg, version, reason, swap=False, force=force)
+
+    return promote
+
+
 def bench_cfg(
     state: Path, base: Path, eval_sets: list[str], replay: dict[str, Any], training: dict[str, Any]
 ) -> config_mod.Config:
@@ -300,16 +330,22 @@ def run_sequence(
     for i, dom in enumerate(domains):
         train, hold = domain_documents(dom, seed=i)
         _add_doc(db, tok, train, hold, f"/inbox/{dom['name']}.txt")
-        res = runner.run_stage(cfg, db)
-        if res["status"] not in ("promoted", "rejected"):
-            raise RuntimeError(f"{label} stage {i + 1}: {res['status']}: {res.get('reason')}")
-        gate_verdict = res["status"]
+        res = runner.run_stage(cfg, db, promote=_store_only(cfg))
+        if res.status not in ("promoted", "rejected") or res.stage_id is None:
+            raise RuntimeError(f"{label} stage {i + 1}: {res.status}: {res.reason}")
+        gate_verdict = res.status
         if gate_verdict == "rejected":
             # The benchmark measures learning and forgetting, so every stage goes live
             # whatever the gate says (the verdict is still shown); otherwise a rejected
             # domain would silently be retrained with the next one.
-            runner.promote_stage(cfg, db, res["stage_id"], "benchmark: promote regardless")
-        m = res["metrics"]
+            finish.promote_stage(
+                cfg,
+                db,
+                res.stage_id,
+                "benchmark: promote regardless",
+                promote=_store_only(cfg, force=True),
+            )
+        m = res.metrics
         cand, base_m = m["candidate"], m["baseline"]
         if i == 0:
             general.append(base_m["general_loss"])
@@ -403,9 +439,9 @@ def speed_evergreen(base: Path, work: Path, docs: list[str], tok: Any, training:
     )
     db = open_db(cfg.db_path)
     _add_doc(db, tok, docs, [], "/inbox/speed.txt")
-    res = runner.run_stage(cfg, db)
+    res = runner.run_stage(cfg, db, promote=_store_only(cfg))
     db.conn.close()
-    return float(res["metrics"]["training"]["tokens_per_s"])
+    return float(res.metrics["training"]["tokens_per_s"])
 
 
 def speed_hf_trainer(base: Path, work: Path, docs: list[str], training: dict, batch: int) -> float:
@@ -493,7 +529,10 @@ def main() -> None:
         default=400,
         help="Pretraining steps of the tiny seed used as the base model.",
     )
+    add_smoke_flag(ap)
     args = ap.parse_args()
+    if args.smoke:
+        args.domains, args.facts, args.phrasings, args.seed_steps = 2, 2, 4, 30
     from transformers import AutoTokenizer
 
     from daemon.config import TrainingConfig
@@ -517,6 +556,8 @@ def main() -> None:
     training.update(BENCH_RECIPE)
     if args.quick:
         training["min_steps"] = training["min_steps"] // 2
+    if args.smoke:
+        training["min_steps"] = 10
     for item in args.set:
         key, _, value = item.partition("=")
         training[key] = type(training[key])(json.loads(value))
@@ -554,7 +595,7 @@ def main() -> None:
         )
     speedup = None
     if "speed" not in skip:
-        docs = speed_docs(tok, 60 if args.quick else 120, seed=1)
+        docs = speed_docs(tok, 8 if args.smoke else 60 if args.quick else 120, seed=1)
         ev = speed_evergreen(base, work, docs, tok, training)
         hf = speed_hf_trainer(base, work, docs, training, batch=8)
         speedup = ev / hf
@@ -591,17 +632,18 @@ def main() -> None:
         "general_ppl_drift": ("<=", 0.05),
         "trainer_speedup": (">=", 1.5),
     }
-    print("\nsummary:")
+    summary = ["", "summary:"]
     for key, (op, goal) in targets.items():
         v = out[key]
         ok = v is not None and (v >= goal if op == ">=" else v <= goal)
-        print(
+        summary.append(
             f"  {key:24s} {v if v is None else round(v, 3)!s:>8}  target {op} {goal}"
             f"  {'OK' if ok else 'MISS'}"
         )
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(out))
+    out["smoke"] = args.smoke
+    report("continual", summary, out, FIELDS)
 
 
 if __name__ == "__main__":

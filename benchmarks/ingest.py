@@ -11,12 +11,13 @@ best run of each size is reported (all runs are printed too): the machine is sha
 the best run is the least disturbed measurement of the code.
 
 Targets (2-core machine): >= 1000 files/s, and time(20k) / time(10k) <= 2.2 (linear).
-The last line printed is one JSON object.
+The last line printed is one JSON object. ``--smoke`` (CI): 200 and 400 files, one run
+each, the same code and the same JSON fields (named after the full run's sizes).
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import random
 import shutil
 import sys
@@ -26,10 +27,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import add_smoke_flag, report
 from daemon import config as config_mod
 from daemon.ingest.pipeline import ingest_paths
 
 REPEATS = 3  # runs per size; the best one is reported
+FIELDS = (
+    "files_per_s_10k",
+    "files_per_s_20k",
+    "scaling_ratio",
+    "seconds_10k",
+    "seconds_20k",
+    "runs_seconds_10k",
+    "runs_seconds_20k",
+    "rescan_unchanged_files_per_s_20k",
+    "baseline",
+    "baseline_files_per_s_10k",
+    "baseline_seconds_10k",
+    "speedup_vs_baseline",
+    "target_files_per_s",
+    "target_scaling_ratio",
+)
 
 WORDS = [
     "the",
@@ -103,17 +121,21 @@ def run(tmp: Path, name: str, files: Path, batch_size: int | None = None) -> dic
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_smoke_flag(parser)
+    args = parser.parse_args()
+    small, large, repeats = (200, 400, 1) if args.smoke else (10_000, 20_000, REPEATS)
     tmp = Path(tempfile.mkdtemp(prefix="evergreen-bench-ingest-"))
     try:
         t0 = time.perf_counter()
-        make_files(tmp / "f10k", 10_000, seed=1)
-        make_files(tmp / "f20k", 20_000, seed=2)
+        make_files(tmp / "f10k", small, seed=1)
+        make_files(tmp / "f20k", large, seed=2)
         gen_s = time.perf_counter() - t0
 
         # Alternate the sizes and keep each size's best run: the machine is shared, and
         # the best of a few runs is the least disturbed measurement of the code itself.
         runs: dict[str, list[dict]] = {"10k": [], "20k": []}
-        for rep in range(REPEATS):
+        for rep in range(repeats):
             for size in ("10k", "20k"):
                 runs[size].append(run(tmp, f"{size}-{rep}", tmp / f"f{size}"))
         r10 = min(runs["10k"], key=lambda r: r["seconds"])
@@ -121,50 +143,50 @@ def main() -> None:
         t0 = time.perf_counter()
         again = ingest_paths(r20["cfg"], [tmp / "f20k"])
         rescan_s = time.perf_counter() - t0
-        assert again["outcomes"]["unchanged"] == 20_000, again["outcomes"]
+        assert again["outcomes"]["unchanged"] == large, again["outcomes"]
         base = run(tmp, "base10k", tmp / "f10k", batch_size=1)
 
         fps10 = r10["files"] / r10["seconds"]
         fps20 = r20["files"] / r20["seconds"]
         ratio = r20["seconds"] / r10["seconds"]
         fps_base = base["files"] / base["seconds"]
-        print(f"generated 30,000 files in {gen_s:.1f} s")
-        for size, rs in runs.items():
-            print(f"runs {size}: " + ", ".join(f"{r['seconds']:.2f} s" for r in rs))
-        print(
-            f"ingest 10k: {r10['seconds']:.2f} s = {fps10:,.0f} files/s ({r10['chunks']:,} chunks)"
-        )
-        print(
-            f"ingest 20k: {r20['seconds']:.2f} s = {fps20:,.0f} files/s ({r20['chunks']:,} chunks)"
-        )
-        print(f"scaling ratio time(20k)/time(10k) = {ratio:.2f} (target <= 2.2)")
-        print(f"rescan 20k unchanged: {rescan_s:.2f} s = {20_000 / rescan_s:,.0f} files/s")
-        print(
-            f"baseline (one transaction per file) 10k: {base['seconds']:.2f} s = "
-            f"{fps_base:,.0f} files/s; batching speed-up x{fps10 / fps_base:.2f}"
-        )
-        print(
-            json.dumps(
-                {
-                    "files_per_s_10k": round(fps10, 1),
-                    "files_per_s_20k": round(fps20, 1),
-                    "scaling_ratio": round(ratio, 3),
-                    "seconds_10k": round(r10["seconds"], 3),
-                    "seconds_20k": round(r20["seconds"], 3),
-                    "runs_seconds_10k": [round(r["seconds"], 3) for r in runs["10k"]],
-                    "runs_seconds_20k": [round(r["seconds"], 3) for r in runs["20k"]],
-                    "rescan_unchanged_files_per_s_20k": round(20_000 / rescan_s, 1),
-                    "baseline": "per_file_transaction",
-                    "baseline_files_per_s_10k": round(fps_base, 1),
-                    "baseline_seconds_10k": round(base["seconds"], 3),
-                    "speedup_vs_baseline": round(fps10 / fps_base, 2),
-                    "target_files_per_s": 1000,
-                    "target_scaling_ratio": 2.2,
-                }
-            )
-        )
+        summary = [f"generated {small + large:,} files in {gen_s:.1f} s"]
+        summary += [
+            f"runs {small if size == '10k' else large:,}: "
+            + ", ".join(f"{r['seconds']:.2f} s" for r in rs)
+            for size, rs in runs.items()
+        ]
+        summary += [
+            f"ingest {small:,}: {r10['seconds']:.2f} s = {fps10:,.0f} files/s"
+            f" ({r10['chunks']:,} chunks)",
+            f"ingest {large:,}: {r20['seconds']:.2f} s = {fps20:,.0f} files/s"
+            f" ({r20['chunks']:,} chunks)",
+            f"scaling ratio time({large:,})/time({small:,}) = {ratio:.2f} (target <= 2.2)",
+            f"rescan {large:,} unchanged: {rescan_s:.2f} s = {large / rescan_s:,.0f} files/s",
+            f"baseline (one transaction per file) {small:,}: {base['seconds']:.2f} s = "
+            f"{fps_base:,.0f} files/s; batching speed-up x{fps10 / fps_base:.2f}",
+        ]
+        result = {
+            "files_per_s_10k": round(fps10, 1),
+            "files_per_s_20k": round(fps20, 1),
+            "scaling_ratio": round(ratio, 3),
+            "seconds_10k": round(r10["seconds"], 3),
+            "seconds_20k": round(r20["seconds"], 3),
+            "runs_seconds_10k": [round(r["seconds"], 3) for r in runs["10k"]],
+            "runs_seconds_20k": [round(r["seconds"], 3) for r in runs["20k"]],
+            "rescan_unchanged_files_per_s_20k": round(large / rescan_s, 1),
+            "baseline": "per_file_transaction",
+            "baseline_files_per_s_10k": round(fps_base, 1),
+            "baseline_seconds_10k": round(base["seconds"], 3),
+            "speedup_vs_baseline": round(fps10 / fps_base, 2),
+            "target_files_per_s": 1000,
+            "target_scaling_ratio": 2.2,
+            "files": [small, large],
+            "smoke": args.smoke,
+        }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    report("ingest", summary, result, FIELDS)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ One run, on a real vLLM CPU server managed by :class:`ManagedVLLM` and the tiny 
 
 The last line printed is one JSON object: requests_total, requests_failed,
 swap_seconds_p50, swap_seconds_p99, post_swap_decode_ratio (stable s/token / fresh s/token),
-plus context fields. Usage: ``python benchmarks/swap.py [--base-model DIR] [--port N]``.
+plus context fields. Usage: ``python benchmarks/swap.py [--base-model DIR] [--port N]
+[--smoke]``. The adapters have the default ``training.lora_rank`` and the server the same
+``serving.max_lora_rank``, so the benchmark swaps what the daemon trains with its defaults.
+``--smoke`` (CI): 3 swaps, 2 clients, 2 decode rounds on the same real server.
 
 ``--mechanism resolver`` swaps the way vLLM allows without our plugin (point
 ``<resolver dir>/evergreen`` at the new version, unload ``evergreen``, let the next request
@@ -39,7 +42,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import add_smoke_flag, report  # noqa: E402
 from daemon import config as config_mod  # noqa: E402
+from daemon.serving import promotion  # noqa: E402
 from daemon.serving.swap import Swapper  # noqa: E402
 from daemon.serving.vllm import ManagedVLLM, VLLMError  # noqa: E402
 from tests.fixtures_vllm import free_port, make_lora  # noqa: E402
@@ -49,6 +54,30 @@ SWAPS = 10
 STREAM_TOKENS = 24
 DECODE_TOKENS = 96
 DECODE_ROUNDS = 20
+PAUSE_S = 1.0  # between swaps
+
+
+def smoke_sizes() -> None:
+    """--smoke: the same run, small enough for CI."""
+    global CLIENTS, SWAPS, DECODE_TOKENS, DECODE_ROUNDS, PAUSE_S
+    CLIENTS, SWAPS, DECODE_TOKENS, DECODE_ROUNDS, PAUSE_S = 2, 3, 16, 2, 0.2
+
+
+FIELDS = (
+    "requests_total",
+    "requests_failed",
+    "swap_seconds_p50",
+    "swap_seconds_p99",
+    "post_swap_decode_ratio",
+    "swaps",
+    "clients",
+    "versions_served",
+    "stable_ms_per_token",
+    "fresh_ms_per_token",
+    "lora_rank",
+    "mechanism",
+    "wall_seconds",
+)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -199,7 +228,10 @@ def main() -> int:
         help="alias: the swapper (default); resolver: plugin-free unload + re-resolve",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp state dir")
+    add_smoke_flag(parser)
     args = parser.parse_args()
+    if args.smoke:
+        smoke_sizes()
     t0 = time.monotonic()
     state = Path(tempfile.mkdtemp(prefix="evergreen-bench-swap-"))
     base = args.base_model
@@ -209,23 +241,27 @@ def main() -> int:
         seed_cfg = config_mod.from_dict({"state_dir": str(state), "seed": {"size": "tiny"}})
         print("building the tiny seed model ...", flush=True)
         base = str(ensure_seed_model(seed_cfg))
+    # The rank the daemon trains with by default, and a server that accepts it: the
+    # benchmark follows the defaults instead of pinning a rank they may leave behind.
+    rank = config_mod.from_dict({"state_dir": str(state)}).training.lora_rank
     cfg = config_mod.from_dict(
         {
             "state_dir": str(state),
             "base_model": base,
             "seed": {"size": "tiny"},
+            "training": {"lora_rank": rank},
             "serving": {
                 "port": args.port or free_port(),
-                "max_lora_rank": 16,
+                "max_lora_rank": rank,
                 "max_loras": 4,
                 "max_model_len": 512,
             },
         }
     )
     versions = [f"v{i:04d}" for i in range(1, SWAPS + 1)]
-    print(f"writing {SWAPS} adapters ...", flush=True)
+    print(f"writing {SWAPS} rank-{rank} adapters ...", flush=True)
     for i, version in enumerate(versions, start=1):
-        make_lora(cfg, version, seed=i)
+        make_lora(cfg, version, seed=i, rank=rank)
     server = ManagedVLLM(cfg)
     print(f"starting vLLM on {server.url} (log {server.log_path}) ...", flush=True)
     server.start()
@@ -249,14 +285,15 @@ def main() -> int:
         for version in versions:
             steps: dict[str, float] = {}
             if args.mechanism == "alias":
-                result = swapper.promote(version, reason="benchmark")
-                seconds, steps = result.seconds, result.stages
+                done = promotion.promote(cfg, version, "benchmark", swapper=swapper)
+                assert done.swap is not None
+                seconds, steps = done.swap.seconds, done.swap.stages
             else:
                 seconds = resolver_swap(cfg, server, version)
             durations.append(seconds)
             print(f"  swap -> {version}: {seconds:.3f}s {steps}", flush=True)
-            time.sleep(1.0)
-        time.sleep(2)
+            time.sleep(PAUSE_S)
+        time.sleep(2 * PAUSE_S)
         stop.set()
         total, failed, errors_by_kind, served = out.get(timeout=300)
         clients.join()
@@ -269,34 +306,33 @@ def main() -> int:
             shutil.rmtree(state, ignore_errors=True)
     ratio = stable_spt / fresh_spt
     p50, p99 = percentile(durations, 50), percentile(durations, 99)
-    print()
-    print(f"requests: {total} streamed by {CLIENTS} clients, {failed} failed")
-    for error, n in Counter(errors_by_kind).most_common(5):
-        print(f"  {n} x {error}")
-    print(f"served by: {dict(sorted(served.items()))}")
-    print(f"swaps: {SWAPS}, p50 {p50:.3f}s, p99 {p99:.3f}s, max {max(durations):.3f}s")
-    print(
+    summary = [
+        "",
+        f"requests: {total} streamed by {CLIENTS} clients, {failed} failed",
+        *(f"  {n} x {error}" for error, n in Counter(errors_by_kind).most_common(5)),
+        f"served by: {dict(sorted(served.items()))}",
+        f"swaps: {SWAPS}, p50 {p50:.3f}s, p99 {p99:.3f}s, max {max(durations):.3f}s",
         f"decode after swaps: stable {stable_spt * 1000:.2f} ms/token, fresh "
-        f"{fresh_spt * 1000:.2f} ms/token, ratio {ratio:.3f}"
-    )
-    print(
-        json.dumps(
-            {
-                "requests_total": total,
-                "requests_failed": failed,
-                "swap_seconds_p50": round(p50, 4),
-                "swap_seconds_p99": round(p99, 4),
-                "post_swap_decode_ratio": round(ratio, 4),
-                "swaps": SWAPS,
-                "clients": CLIENTS,
-                "versions_served": len(served),
-                "stable_ms_per_token": round(stable_spt * 1000, 3),
-                "fresh_ms_per_token": round(fresh_spt * 1000, 3),
-                "mechanism": args.mechanism,
-                "wall_seconds": round(time.monotonic() - t0, 1),
-            }
-        )
-    )
+        f"{fresh_spt * 1000:.2f} ms/token, ratio {ratio:.3f}",
+    ]
+    result = {
+        "requests_total": total,
+        "requests_failed": failed,
+        "swap_seconds_p50": round(p50, 4),
+        "swap_seconds_p99": round(p99, 4),
+        "post_swap_decode_ratio": round(ratio, 4),
+        "swaps": SWAPS,
+        "clients": CLIENTS,
+        "versions_served": len(served),
+        "stable_ms_per_token": round(stable_spt * 1000, 3),
+        "fresh_ms_per_token": round(fresh_spt * 1000, 3),
+        "lora_rank": rank,
+        "mechanism": args.mechanism,
+        "wall_seconds": round(time.monotonic() - t0, 1),
+        "smoke": args.smoke,
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    }
+    report("swap", summary, result, FIELDS)
     return 0
 
 

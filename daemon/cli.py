@@ -217,18 +217,20 @@ def seed_model(ctx: click.Context, force: bool) -> None:
 def train(ctx: click.Context, now: bool, as_json: bool, no_swap: bool) -> None:
     """Plan and run one training stage in the foreground, with a progress bar, then
     evaluate and gate it."""
-    from daemon.training.runner import train_now
+    from daemon.serving import promotion
+    from daemon.training.foreground import train_now
 
     cfg = _load_config(ctx)
-    result = train_now(cfg, progress=not as_json, swap=not no_swap)
+
+    def promote(version: str, reason: str) -> promotion.Promotion:
+        return promotion.promote(cfg, version, reason, swap=not no_swap)
+
+    result = train_now(cfg, promote=promote, progress=not as_json)
     if as_json:
-        _print_json(result)
+        _print_json(result.to_dict())
     else:
-        console.print(
-            f"stage {result.get('stage_id')}: {result.get('status')} {result.get('reason') or ''}",
-            highlight=False,
-        )
-    if result.get("status") == "failed":
+        console.print(f"stage {result.stage_id}: {result.status} {result.reason}", highlight=False)
+    if result.status == "failed":
         sys.exit(1)
 
 
@@ -276,15 +278,16 @@ def _fmt(value: Any) -> str:
 
 @main.command()
 @click.argument("version")
+@click.option("--force", is_flag=True, help="Promote even a version the gate rejected.")
 @click.pass_context
 @friendly_errors
-def promote(ctx: click.Context, version: str) -> None:
+def promote(ctx: click.Context, version: str, force: bool) -> None:
     """Make VERSION current and swap it into vLLM (if serving is configured)."""
-    from daemon.serving.swap import promote_version
+    from daemon.serving import promotion
 
     cfg = _load_config(ctx)
-    result = promote_version(cfg, version, reason="manual promote")
-    console.print(result, highlight=False)
+    reason = "manual promote (forced past the gate)" if force else "manual promote"
+    console.print(promotion.promote(cfg, version, reason, force=force).message, highlight=False)
 
 
 @main.command()
@@ -293,11 +296,10 @@ def promote(ctx: click.Context, version: str) -> None:
 @friendly_errors
 def rollback(ctx: click.Context, version: str | None) -> None:
     """Move the current pointer back to VERSION (default: the previous promoted one)."""
-    from daemon.serving.swap import rollback_version
+    from daemon.serving import promotion
 
     cfg = _load_config(ctx)
-    result = rollback_version(cfg, version)
-    console.print(result, highlight=False)
+    console.print(promotion.rollback(cfg, version).message, highlight=False)
 
 
 @main.command()

@@ -210,6 +210,11 @@ class Config(Section):
         return self.state_path / "quarantine"
 
     @property
+    def api_key_path(self) -> Path:
+        """The generated client key of the managed vLLM (when serving.api_key is empty)."""
+        return self.state_path / "vllm-api-key"
+
+    @property
     def logs_dir(self) -> Path:
         return self.state_path / "logs"
 

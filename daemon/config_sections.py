@@ -36,7 +36,11 @@ class Section(BaseModel):
 
 class IngestConfig(Section):
     quiet_period_s: float = num(
-        2.0, 0, 3600, "A file is read once unchanged for this long (or on close-write)."
+        2.0,
+        0,
+        3600,
+        "A file is read once unchanged for this long (or for 1 s after its writer closed it,"
+        " unless it is closed and rewritten again within this time).",
     )
     rescan_interval_s: float = num(
         300.0, 0, 7 * DAY_S, "Full rescan of the inbox every N seconds (0 = startup only)."

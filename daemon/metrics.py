@@ -27,6 +27,7 @@ from prometheus_client import (
 )
 
 from daemon import __version__
+from store.contracts import StageResult
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,18 @@ class Metrics:
             registry=r,
         )
         self.build_info.labels(__version__, platform.python_version()).set(1)
+        self._define_ingest(r)
+        self._define_stages(r)
+        self._define_serving(r)
+        self.loop_heartbeat = Gauge(
+            "evergreen_loop_heartbeat_timestamp_seconds",
+            "Last main-loop iteration (for liveness).",
+            registry=r,
+        )
+        self._adapter_version: str | None = None
+        self._lock = threading.Lock()
+
+    def _define_ingest(self, r: CollectorRegistry) -> None:
         self.documents_seen = Counter(
             "evergreen_documents_seen_total", "Files seen in the inbox (any outcome).", registry=r
         )
@@ -82,6 +95,18 @@ class Metrics:
         self.pending_tokens = Gauge(
             "evergreen_pending_tokens", "Tokens ingested but not yet trained.", registry=r
         )
+        self.staleness = Gauge(
+            "evergreen_model_staleness_seconds",
+            "Age of the oldest document not yet in the served model (0 = fresh).",
+            registry=r,
+        )
+        self.inbox_unreadable_dirs = Gauge(
+            "evergreen_inbox_unreadable_dirs",
+            "Inbox folders the last scan could not list (their files are not ingested).",
+            registry=r,
+        )
+
+    def _define_stages(self, r: CollectorRegistry) -> None:
         self.stages = Counter(
             "evergreen_stages_total", "Finished stages, by outcome.", ["outcome"], registry=r
         )
@@ -94,20 +119,19 @@ class Metrics:
             buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200),
             registry=r,
         )
-        self.swap_duration = Histogram(
-            "evergreen_swap_duration_seconds",
-            "Wall time of a hot swap on all endpoints.",
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
-            registry=r,
-        )
-        self.swaps = Counter(
-            "evergreen_swaps_total", "Hot swaps, by outcome.", ["outcome"], registry=r
-        )
-        for outcome in SWAP_OUTCOMES:
-            self.swaps.labels(outcome)
         self.train_tokens_per_second = Gauge(
             "evergreen_training_tokens_per_second",
             "Throughput of the running/last stage.",
+            registry=r,
+        )
+        self.stage_progress_ratio = Gauge(
+            "evergreen_stage_progress_ratio",
+            "Running stage: optimizer steps done / planned (0 when no stage runs).",
+            registry=r,
+        )
+        self.stage_tokens_per_second = Gauge(
+            "evergreen_stage_tokens_per_second",
+            "Running stage: current training throughput (0 when no stage runs).",
             registry=r,
         )
         self.eval_loss = Gauge(
@@ -120,16 +144,24 @@ class Metrics:
             "Last stage: candidate retention loss / parent retention loss (>1 = forgetting).",
             registry=r,
         )
-        self.staleness = Gauge(
-            "evergreen_model_staleness_seconds",
-            "Age of the oldest document not yet in the served model (0 = fresh).",
-            registry=r,
-        )
         self.last_stage_success = Gauge(
             "evergreen_last_stage_success_timestamp_seconds",
             "Unix time of the last promoted stage.",
             registry=r,
         )
+
+    def _define_serving(self, r: CollectorRegistry) -> None:
+        self.swap_duration = Histogram(
+            "evergreen_swap_duration_seconds",
+            "Wall time of a hot swap on all endpoints.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+            registry=r,
+        )
+        self.swaps = Counter(
+            "evergreen_swaps_total", "Hot swaps, by outcome.", ["outcome"], registry=r
+        )
+        for outcome in SWAP_OUTCOMES:
+            self.swaps.labels(outcome)
         self.last_swap = Gauge(
             "evergreen_last_swap_timestamp_seconds",
             "Unix time of the last successful swap.",
@@ -144,13 +176,6 @@ class Metrics:
         self.vllm_up = Gauge(
             "evergreen_vllm_up", "1 if the vLLM endpoint answers /health.", ["endpoint"], registry=r
         )
-        self.loop_heartbeat = Gauge(
-            "evergreen_loop_heartbeat_timestamp_seconds",
-            "Last main-loop iteration (for liveness).",
-            registry=r,
-        )
-        self._adapter_version: str | None = None
-        self._lock = threading.Lock()
 
     # ---- ingest
     def on_ingest_outcome(self, outcome: str, reason: str | None = None) -> None:
@@ -164,15 +189,23 @@ class Metrics:
             self.documents_quarantined.labels(reason or "unknown").inc()
 
     # ---- stages
-    def on_stage_finished(self, result: dict[str, Any]) -> None:
-        status = str(result.get("status", "failed"))
+    def on_stage_finished(
+        self,
+        result: StageResult,
+        *,
+        duration_s: float | None = None,
+        finished_at: float | None = None,
+    ) -> None:
+        """A stage ended (``duration_s``/``finished_at`` from its row, when it has them)."""
+        status = result.status
         if status in STAGE_OUTCOMES:
             self.stages.labels(status).inc()
-        if result.get("duration_s") is not None:
-            self.stage_duration.observe(float(result["duration_s"]))
-        if status == "promoted" and result.get("finished_at"):
-            self.last_stage_success.set(float(result["finished_at"]))
-        metrics = result.get("metrics") or {}
+        if duration_s is not None:
+            self.stage_duration.observe(duration_s)
+        if status == "promoted" and finished_at:
+            self.last_stage_success.set(finished_at)
+        self.set_stage_progress(None)
+        metrics = result.metrics
         cand, base = metrics.get("candidate") or {}, metrics.get("baseline") or {}
         for name in EVAL_SETS:
             value = cand.get(f"{name}_loss")
@@ -183,9 +216,24 @@ class Metrics:
             self.forgetting_ratio.set(cr / br)
 
     def on_stage_progress(self, progress: dict[str, Any]) -> None:
-        tps = progress.get("tokens_per_s")
-        if isinstance(tps, int | float):
-            self.train_tokens_per_second.set(tps)
+        """A progress line of the running stage (also read back from the store by the
+        daemon's refresh, so a resumed or restarted daemon shows it too)."""
+        self.set_stage_progress(progress)
+
+    def set_stage_progress(self, progress: dict[str, Any] | None) -> None:
+        """Progress gauges from a stage's progress dict; ``None`` = no stage runs (0)."""
+        progress = progress or {}
+        step, total, tps = progress.get("step"), progress.get("total"), progress.get("tokens_per_s")
+        ratio = 0.0
+        if progress.get("phase") == "evaluate":
+            ratio = 1.0  # training is done; the candidate is being evaluated
+        elif isinstance(step, int | float) and isinstance(total, int | float) and total > 0:
+            ratio = min(1.0, max(0.0, step / total))
+        self.stage_progress_ratio.set(ratio)
+        running_tps = float(tps) if isinstance(tps, int | float) else 0.0
+        self.stage_tokens_per_second.set(running_tps)
+        if running_tps:
+            self.train_tokens_per_second.set(running_tps)
 
     # ---- serving
     def on_swap(self, seconds: float, ok: bool, when: float) -> None:

@@ -7,9 +7,14 @@ Threads, each with its own SQLite connection:
   batch it pokes the stage worker so triggers are evaluated right after ingest.
 - the **scheduler** (APScheduler, daemon.scheduling.schedule): pokes the stage worker every
   ``policy.interval_s``.
-- the **stage worker**: on a poke, evaluates the trigger policy and, when it fires, runs one
-  stage (plan -> subprocess -> eval -> gate -> promote -> swap). One stage at a time by
-  construction: there is one worker.
+- the **stage worker** (daemon/worker.py): on a poke, scores new data when a policy reads
+  scores, evaluates the trigger policy and, when it fires, runs one stage (plan ->
+  subprocess -> eval -> gate -> promote -> swap). One stage at a time by construction:
+  there is one worker.
+
+The layers (daemon.ingest, daemon.training, daemon.serving) never import each other; this
+module wires them: the runner gets :meth:`Service.promote` (serving's promotion with the
+daemon's swapper) as its ``promote`` callable.
 
 The daemon process never imports torch: the seed build, stages and scorers are
 subprocesses, which keeps the idle daemon small (RSS, CPU).
@@ -26,16 +31,33 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import sqlite_utils
 
 from daemon import config as config_mod
 from daemon import logs
 from daemon.config import Config
 from daemon.errors import EvergreenError
+from daemon.ingest import ensure_dirs
+from daemon.ingest.watcher import InboxWatcher
 from daemon.metrics import Metrics, endpoint_label, serve_http
 from daemon.notify import Notifier
-from store import adapters, documents
+from daemon.scheduling.schedule import start_scheduler
+from daemon.serving import promotion
+from daemon.serving.promotion import Promotion
+from daemon.serving.swap import Swapper, SwapResult
+from daemon.serving.vllm import ManagedVLLM
+from daemon.status import collect
+from daemon.worker import StageWorker
+from store import adapters, documents, files, stages
+from store.contracts import StageResult
 from store.db import open_db
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from apscheduler.schedulers.background import BackgroundScheduler
 
 log = logging.getLogger("evergreen.service")
 
@@ -47,83 +69,6 @@ SUPERVISE_INTERVAL_S = 3.0  # one vLLM /health probe per interval (restart with 
 
 class ServiceError(EvergreenError, RuntimeError):
     """Start-up failed in a way the user must fix (bad base model, vLLM never healthy)."""
-
-
-class StageWorker(threading.Thread):
-    """Runs at most one stage at a time, when the trigger policy fires."""
-
-    def __init__(self, service: Service) -> None:
-        super().__init__(name="stage-worker", daemon=True)
-        self.service = service
-        self.wake = threading.Event()
-        self.stop_event = threading.Event()
-        self.busy = threading.Event()
-
-    def poke(self) -> None:
-        self.wake.set()
-
-    def run(self) -> None:
-        from daemon.scheduling.decisions import explain_next
-        from daemon.training.runner import resume_or_fail_running, run_stage, warm_trainer
-
-        cfg = self.service.cfg
-        db = open_db(cfg.db_path)
-        warm = warm_trainer(cfg) if cfg.training.prewarm else None
-        try:
-            self.busy.set()
-            try:
-                resumed = resume_or_fail_running(
-                    cfg,
-                    db,
-                    on_progress=self.service.on_progress,
-                    swap=self.service.swap,
-                    stop_event=self.stop_event,
-                )
-                for result in resumed or []:
-                    self.service.on_stage_finished(result)
-            except Exception:
-                log.exception("resuming interrupted stages failed")
-            finally:
-                self.busy.clear()
-            while not self.stop_event.is_set():
-                if warm is not None:
-                    warm.prewarm()  # after the previous stage's swap: it does not slow it
-                self.wake.wait()
-                self.wake.clear()
-                if self.stop_event.is_set():
-                    break
-                try:
-                    decision = explain_next(cfg, db)
-                except Exception:
-                    log.exception("trigger evaluation failed")
-                    continue
-                if not decision.get("fire"):
-                    continue
-                log.info("stage triggered: %s", "; ".join(decision.get("reasons", [])))
-                self.busy.set()
-                self.service.metrics.stage_running.set(1)
-                try:
-                    result = run_stage(
-                        cfg,
-                        db,
-                        on_progress=self.service.on_progress,
-                        swap=self.service.swap,
-                        stop_event=self.stop_event,
-                        warm=warm,
-                    )
-                    if result:
-                        self.service.on_stage_finished(result)
-                        if result.get("status") == "promoted":
-                            self.poke()  # more data may have arrived meanwhile
-                except Exception:
-                    log.exception("stage run failed")
-                finally:
-                    self.busy.clear()
-                    self.service.metrics.stage_running.set(0)
-        finally:
-            if warm is not None:
-                warm.close()
-            db.conn.close()
 
 
 class Service:
@@ -139,45 +84,45 @@ class Service:
         self.stopping = threading.Event()
         self.refresh_soon = threading.Event()
         self.last_loop = time.time()
-        self.managed: Any = None
-        self.swapper: Any = None
-        self.watcher: Any = None
-        self.scheduler: Any = None
+        self.managed: ManagedVLLM | None = None
+        self.swapper: Swapper | None = None
+        self.watcher: InboxWatcher | None = None
+        self.scheduler: BackgroundScheduler | None = None
         self.worker: StageWorker | None = None
-        self.http: Any = None
-        self._db: Any = None
+        self.http: WSGIServer | None = None
+        self._db: sqlite_utils.Database | None = None
 
     # ------------------------------------------------------------------ callbacks
     def on_progress(self, progress: dict[str, Any]) -> None:
         self.metrics.on_stage_progress(progress)
 
-    def on_stage_finished(self, result: dict[str, Any]) -> None:
-        self.metrics.on_stage_finished(result)
-        self.refresh_soon.set()  # staleness/pending tokens changed: the main loop re-reads them
-        log.info(
-            "stage %s %s %s",
-            result.get("stage_id"),
-            result.get("status"),
-            result.get("reason") or "",
+    def on_stage_finished(self, db: sqlite_utils.Database, result: StageResult) -> None:
+        """Metrics and a log line for a finished stage (``db``: the worker's connection)."""
+        row = stages.get(db, result.stage_id) if result.stage_id is not None else None
+        started, finished = (row or {}).get("started_at"), (row or {}).get("finished_at")
+        self.metrics.on_stage_finished(
+            result,
+            duration_s=finished - started if started and finished else None,
+            finished_at=finished,
         )
+        self.refresh_soon.set()  # staleness/pending tokens changed: the main loop re-reads them
+        log.info("stage %s %s %s", result.stage_id, result.status, result.reason)
 
-    def on_swap(self, result: Any) -> None:
+    def on_swap(self, result: SwapResult) -> None:
         """Swapper callback (a SwapResult per attempted swap, ok or not)."""
         self.metrics.on_swap(result.seconds, result.ok, time.time())
         if result.ok:
             self.metrics.set_adapter(result.version)
 
-    @property
-    def swap(self) -> Callable[[str, str], Any] | None:
-        """What a promoted stage calls: swap every endpoint, then move the store pointer."""
-        return self.swapper.promote if self.swapper is not None else None
+    def promote(self, version: str, reason: str) -> Promotion:
+        """What a stage that passed the gate calls: serving swaps every endpoint (the
+        daemon's swapper, so metrics see it), then moves the store pointer; raises if not."""
+        return promotion.promote(self.cfg, version, reason, swapper=self.swapper)
 
     def healthy(self) -> bool:
         return not self.stopping.is_set() and time.time() - self.last_loop < HEALTHY_LOOP_AGE_S
 
     def status(self) -> dict[str, Any]:
-        from daemon.status import collect
-
         data = collect(self.cfg)
         data["daemon"] = {
             "stage_running": bool(self.worker and self.worker.busy.is_set()),
@@ -217,11 +162,7 @@ class Service:
         mode = self.cfg.serving.mode
         if mode == "none":
             return
-        from daemon.serving.swap import Swapper
-
         if mode == "managed":
-            from daemon.serving.vllm import ManagedVLLM
-
             self.managed = ManagedVLLM(self.cfg)
             log.info("starting managed vLLM on %s:%s", self.cfg.serving.host, self.cfg.serving.port)
             self.notifier.status("starting vLLM")
@@ -243,8 +184,8 @@ class Service:
 
     def start(self) -> None:
         cfg = self.cfg
-        for d in (cfg.state_path, Path(cfg.inbox_dir), cfg.logs_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        ensure_dirs(cfg)  # one clear line if state_dir or inbox_dir is a file
+        cfg.logs_dir.mkdir(parents=True, exist_ok=True)
         self._db = open_db(cfg.db_path)  # migrates; the main loop's own connection
         cfg_file = self._write_effective_config()
         if self.training or cfg.serving.mode == "managed":
@@ -260,9 +201,6 @@ class Service:
             )
             log.info("metrics on http://%s:%s/metrics", cfg.metrics.host, cfg.metrics.port)
         if self.training:
-            from daemon.ingest.watcher import InboxWatcher
-            from daemon.scheduling.schedule import start_scheduler
-
             self.worker = StageWorker(self)
             self.worker.start()
             self.scheduler = start_scheduler(self.worker.poke, cfg.policy.interval_s)
@@ -314,13 +252,21 @@ class Service:
         return f"{running}; serving {current or 'base'}; {pending} pending tokens"
 
     def _refresh_metrics(self) -> None:
+        """Store-derived gauges; the running stage's progress comes from its row, which the
+        stage process itself updates, so it shows even for a stage this daemon resumed."""
         db = self._db
+        if db is None:
+            return
         now = time.time()
-        self.metrics.pending_tokens.set(documents.pending_tokens(db, self.cfg.track))
-        oldest = documents.oldest_pending_train_at(db, self.cfg.track)
+        track = self.cfg.track
+        self.metrics.pending_tokens.set(documents.pending_tokens(db, track))
+        oldest = documents.oldest_pending_train_at(db, track)
         self.metrics.staleness.set(now - oldest if oldest else 0.0)
+        self.metrics.inbox_unreadable_dirs.set(files.count_unreadable_dirs(db, track))
+        active = stages.active(db, track)  # at most one: planned, running, trained, evaluated
+        self.metrics.set_stage_progress(active[0]["progress"] if active else None)
         if self.swapper is None:
-            self.metrics.set_adapter(adapters.current(db, self.cfg.track))
+            self.metrics.set_adapter(adapters.current(db, track))
 
     def loop(self, should_stop: Callable[[], bool]) -> None:
         wd = self.notifier.watchdog_interval_s

@@ -40,6 +40,7 @@ def collect(cfg: Config, *, now: float | None = None) -> dict[str, Any]:
                 )
                 + events.recent(db, kind_prefix="stage.failed", track=cfg.track, limit=3)
                 + events.recent(db, kind_prefix="swap.failed", track=cfg.track, limit=3)
+                + events.recent(db, kind_prefix="score.failed", track=cfg.track, limit=3)
             ],
         }
     finally:
@@ -77,6 +78,28 @@ def _next_decision(cfg: Config, db: Any, now: float) -> dict[str, Any] | None:
         return {"fire": False, "reasons": [why], "summary": why, "checks": []}
 
 
+def progress_line(progress: dict[str, Any]) -> str:
+    """A running stage's progress (the stage's own ``update_progress`` dict) in one line:
+    ``step 120/400 (30%) · loss 2.314 · 1,850 tok/s · ETA 2m 31s``."""
+    if progress.get("phase") == "evaluate":
+        return "evaluating the candidate against its parent"
+    parts = []
+    step, total = progress.get("step"), progress.get("total")
+    if isinstance(step, int | float) and isinstance(total, int | float) and total > 0:
+        parts.append(f"step {step:.0f}/{total:.0f} ({100 * step / total:.0f}%)")
+    elif isinstance(step, int | float):
+        parts.append(f"step {step:.0f}")
+    if isinstance(progress.get("loss"), int | float):
+        parts.append(f"loss {progress['loss']:.3f}")
+    if isinstance(progress.get("tokens_per_s"), int | float):
+        parts.append(f"{progress['tokens_per_s']:,.0f} tok/s")
+    eta = progress.get("eta_s")
+    if isinstance(eta, int | float):
+        minutes, seconds = divmod(round(eta), 60)
+        parts.append(f"ETA {minutes}m {seconds:02d}s" if minutes else f"ETA {seconds}s")
+    return " · ".join(parts) or str(progress.get("phase") or "starting")
+
+
 def render(data: dict[str, Any], console: Console) -> None:
     table = Table(title=f"evergreen status — track {data['track']}", show_header=False)
     table.add_column("what")
@@ -95,6 +118,8 @@ def render(data: dict[str, Any], console: Console) -> None:
     last = data["last_stage"]
     if last:
         table.add_row("last stage", f"#{last['id']} {last['status']} {last['reason'] or ''}")
+        if last["status"] in stages.ACTIVE and last.get("progress"):
+            table.add_row("progress", progress_line(last["progress"]))
     nd = data.get("next_decision")
     if nd:
         table.add_row(

@@ -124,3 +124,48 @@ def count_with_status(db: sqlite_utils.Database, track: str, status: str) -> int
         "SELECT COUNT(*) FROM files WHERE track = ? AND status = ?", (track, status)
     ).fetchone()
     return int(row[0])
+
+
+# ------------------------------------------------------------------ unreadable folders
+# Inbox folders a scan could not list (no permission, an I/O error), so their files are
+# neither ingested nor marked gone. A row lives while the folder stays unreadable; its
+# ``ingest.unreadable_dir`` event is written once, when the row is.
+
+
+def unreadable_dirs_under(db: sqlite_utils.Database, root: str, track: str) -> dict[str, str]:
+    """``path -> reason`` of the folders of ``track`` at or below ``root`` known unreadable."""
+    prefix = root.rstrip(os.sep) + os.sep
+    upper = prefix[:-1] + chr(ord(os.sep) + 1)
+    return {
+        row[0]: row[1]
+        for row in db.conn.execute(
+            "SELECT path, reason FROM unreadable_dirs WHERE track = ?"
+            " AND (path = ? OR (path >= ? AND path < ?))",
+            (track, root, prefix, upper),
+        )
+    }
+
+
+def set_dir_unreadable(db: sqlite_utils.Database, path: str, track: str, reason: str) -> None:
+    """Record (or update the reason of) an unreadable folder (caller holds the transaction)."""
+    db.conn.execute(
+        "INSERT INTO unreadable_dirs (path, track, reason, since) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT(path) DO UPDATE SET track = excluded.track, reason = excluded.reason",
+        (path, track, reason, time.time()),
+    )
+
+
+def set_dir_readable(db: sqlite_utils.Database, path: str) -> bool:
+    """Forget a folder that can be listed again; returns whether it was known unreadable."""
+    return db.conn.execute("DELETE FROM unreadable_dirs WHERE path = ?", (path,)).rowcount > 0
+
+
+def count_unreadable_dirs(db: sqlite_utils.Database, track: str | None = None) -> int:
+    """Inbox folders unreadable as of the last scan (``evergreen_inbox_unreadable_dirs``)."""
+    if track is None:
+        row = db.conn.execute("SELECT COUNT(*) FROM unreadable_dirs").fetchone()
+    else:
+        row = db.conn.execute(
+            "SELECT COUNT(*) FROM unreadable_dirs WHERE track = ?", (track,)
+        ).fetchone()
+    return int(row[0])

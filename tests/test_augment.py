@@ -350,7 +350,8 @@ def test_self_without_any_server_says_so(state_dir: Path) -> None:
         assert "serving.mode = 'none'" in augment_pending(cfg, db).stopped
 
 
-def test_served_key_file_is_the_one_serving_writes() -> None:
-    from daemon.serving import vllm
+def test_served_key_file_is_the_one_serving_writes(cfg: Config) -> None:
+    from daemon.serving.apikey import load_or_create_api_key
 
-    assert augment_generate.API_KEY_FILE == vllm.API_KEY_FILE
+    key = load_or_create_api_key(cfg)  # what the managed server is started with
+    assert augment_generate.resolve(cfg).api_key == key

@@ -19,7 +19,7 @@ MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 # (module path, function name): why it may be longer.
 LONG_FUNCTIONS_ALLOWED = {
-    ("store/db.py", "_m001_initial"): "DDL of the first migration",
+    ("store/schema.py", "_m001_initial"): "DDL of the first migration",
     ("daemon/metrics.py", "__init__"): "metric declarations",
 }
 

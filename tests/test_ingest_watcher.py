@@ -251,3 +251,26 @@ def test_close_write_wins_over_a_stale_stat_from_a_rescan(
     path.write_text(LOREM + " now complete")
     wait_for(lambda: len(docs(cfg)) == 1)
     assert docs(cfg)[0]["status"] == "ingested"
+
+
+def test_file_appended_and_closed_every_few_hundred_ms_is_ingested_once_complete(
+    state_dir: Path, watcher_factory: Callable[..., InboxWatcher]
+) -> None:
+    """Each append ends with a close-write; none of them may end the wait on its own."""
+    cfg = make_cfg(state_dir, quiet_period_s=1.0, rescan_interval_s=0.0)
+    changes: list[dict[str, Any]] = []
+    watcher = watcher_factory(cfg, on_change=changes.append)
+    watcher.start()
+    path = Path(cfg.inbox_dir) / "appended.txt"
+    lines = [f"entry {i}: {LOREM}" for i in range(10)]
+    for line in lines:  # about 3 s of open, append, close
+        with path.open("a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+        time.sleep(0.3)
+    wait_for(lambda: len(docs(cfg)) >= 1 and watcher.pending() == 0)
+    watcher.rescan(timeout=WAIT_S)  # anything still pending is settled by now
+    all_docs = docs(cfg)
+    assert len(all_docs) == 1, [d["n_tokens"] for d in all_docs]
+    assert all_docs[0]["status"] == "ingested"
+    assert text_of(cfg, all_docs[0]["id"]).count("entry ") == len(lines)
+    assert sum(c["outcomes"]["ingested"] for c in changes) == 1

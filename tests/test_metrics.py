@@ -9,6 +9,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.metrics import QUARANTINE_REASONS, Metrics, endpoint_label, serve_http
+from store.contracts import StageResult
 
 
 def _scrape(text: str) -> dict[str, float]:
@@ -58,15 +59,15 @@ def test_known_series_start_at_zero_and_move() -> None:
         m.on_ingest_outcome("ingested")
         m.on_ingest_outcome("quarantined", "too_large")
         m.on_stage_finished(
-            {
-                "status": "promoted",
-                "duration_s": 42.0,
-                "finished_at": 1000.0,
-                "metrics": {
+            StageResult(
+                status="promoted",
+                metrics={
                     "candidate": {"new_loss": 1.5, "retention_loss": 2.2, "general_loss": 3.0},
                     "baseline": {"retention_loss": 2.0},
                 },
-            }
+            ),
+            duration_s=42.0,
+            finished_at=1000.0,
         )
         m.set_adapter("v0001")
         m.set_adapter("v0002")

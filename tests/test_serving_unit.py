@@ -12,20 +12,17 @@ import torch
 from safetensors.torch import save_file
 
 from daemon.config import Config
+from daemon.serving import promotion
 from daemon.serving.adapters import (
     AdapterRejected,
     adapter_path,
     ensure_zero_adapter,
     validate_adapter_dir,
 )
-from daemon.serving.swap import SwapError, promote_version, rollback_version
-from daemon.serving.vllm import (
-    InsecureEndpointError,
-    ManagedVLLM,
-    VLLMClient,
-    is_loopback,
-    load_or_create_api_key,
-)
+from daemon.serving.apikey import load_or_create_api_key
+from daemon.serving.client import InsecureEndpointError, VLLMClient, is_loopback
+from daemon.serving.swap import SwapError
+from daemon.serving.vllm import ManagedVLLM
 from store import adapters, events
 from store.db import open_db
 from tests.fixtures_model import make_tiny_cfg
@@ -172,10 +169,10 @@ def test_cli_promote_without_running_vllm_moves_pointer(cfg: Config) -> None:
         adapters.register(db, "v0002", str(cfg.adapters_dir / "v0002"))
     finally:
         db.conn.close()
-    msg = promote_version(cfg, "v0001", reason="test")
+    msg = promotion.promote(cfg, "v0001", "test").message
     assert "reconcile" in msg
-    promote_version(cfg, "v0002", reason="test")
-    assert "v0001" in rollback_version(cfg, None)
+    promotion.promote(cfg, "v0002", "test")
+    assert "v0001" in promotion.rollback(cfg, None).message
     db = open_db(cfg.db_path)
     try:
         assert adapters.current(db) == "v0001"
@@ -187,7 +184,7 @@ def test_cli_promote_without_running_vllm_moves_pointer(cfg: Config) -> None:
 
 def test_cli_promote_refuses_unknown_or_bad(cfg: Config) -> None:
     with pytest.raises(SwapError, match="unknown"):
-        promote_version(cfg, "v0099", reason="test")
+        promotion.promote(cfg, "v0099", "test")
     path = write_adapter(cfg.adapters_dir / "v0003")
     (path / "adapter_model.bin").write_bytes(b"x")
     db = open_db(cfg.db_path)
@@ -196,7 +193,7 @@ def test_cli_promote_refuses_unknown_or_bad(cfg: Config) -> None:
     finally:
         db.conn.close()
     with pytest.raises(SwapError, match="pickle"):
-        promote_version(cfg, "v0003", reason="test")
+        promotion.promote(cfg, "v0003", "test")
     db = open_db(cfg.db_path)
     try:
         assert adapters.current(db) is None

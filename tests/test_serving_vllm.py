@@ -18,8 +18,9 @@ import httpx
 import pytest
 
 from daemon.config import Config
+from daemon.serving import promotion
 from daemon.serving.adapters import served_name
-from daemon.serving.swap import SwapError, Swapper, promote_version, rollback_version
+from daemon.serving.swap import SwapError, Swapper
 from daemon.serving.vllm import ManagedVLLM, VLLMClient
 from store import adapters, events
 from store.db import open_db
@@ -54,7 +55,7 @@ def recent_events(cfg: Config, prefix: str) -> list[dict]:
 def swapper(serving_cfg: Config, vllm_server: ManagedVLLM) -> Iterator[Swapper]:
     sw = Swapper(serving_cfg, [vllm_server.endpoint])
     yield sw
-    sw.stop()
+    sw.close()
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +84,13 @@ def test_swap_changes_stable_output(
 ) -> None:
     ep = vllm_server.endpoint
     before = outputs(ep, "evergreen")
-    result = swapper.promote(loras["a"], reason="test a")
-    assert result.ok
+    result = promotion.promote(serving_cfg, loras["a"], swapper=swapper, reason="test a")
+    assert result.swap is not None and result.swap.ok
     assert current(serving_cfg) == "v0001"
     out_a = outputs(ep, "evergreen")
     assert out_a == outputs(ep, "evergreen-v0001")
     assert out_a != before
-    swapper.promote(loras["b"], reason="test b")
+    promotion.promote(serving_cfg, loras["b"], swapper=swapper, reason="test b")
     out_b = outputs(ep, "evergreen")
     assert out_b == outputs(ep, "evergreen-v0002")
     assert out_b != out_a
@@ -100,11 +101,11 @@ def test_swap_changes_stable_output(
 
 
 def test_pinned_version_keeps_answering_the_same(
-    vllm_server: ManagedVLLM, swapper: Swapper, loras: dict[str, str]
+    serving_cfg: Config, vllm_server: ManagedVLLM, swapper: Swapper, loras: dict[str, str]
 ) -> None:
     ep = vllm_server.endpoint
     pinned = outputs(ep, "evergreen-v0001")
-    swapper.promote(loras["c"], reason="test c")
+    promotion.promote(serving_cfg, loras["c"], swapper=swapper, reason="test c")
     assert outputs(ep, "evergreen-v0001") == pinned
     assert outputs(ep, "evergreen") == outputs(ep, "evergreen-v0003")
     assert outputs(ep, "evergreen") != pinned
@@ -116,7 +117,7 @@ def test_rollback_restores_previous_output(
     ep = vllm_server.endpoint
     expected = outputs(ep, "evergreen-v0002")
     assert current(serving_cfg) == "v0003"
-    swapper.rollback(reason="test rollback")
+    promotion.rollback(serving_cfg, swapper=swapper)
     assert current(serving_cfg) == "v0002"
     assert outputs(ep, "evergreen") == expected
     moves = recent_events(serving_cfg, "adapter.current")
@@ -128,10 +129,10 @@ def test_cli_promote_and_rollback_swap_the_running_server(
     serving_cfg: Config, vllm_server: ManagedVLLM
 ) -> None:
     ep = vllm_server.endpoint
-    msg = promote_version(serving_cfg, "v0003", reason="cli")
+    msg = promotion.promote(serving_cfg, "v0003", "cli").message
     assert "swapped on 1 endpoint" in msg
     assert outputs(ep, "evergreen") == outputs(ep, "evergreen-v0003")
-    msg = rollback_version(serving_cfg, "v0002")
+    msg = promotion.rollback(serving_cfg, "v0002").message
     assert "swapped on 1 endpoint" in msg
     assert outputs(ep, "evergreen") == outputs(ep, "evergreen-v0002")
     assert current(serving_cfg) == "v0002"
@@ -198,7 +199,7 @@ def test_corrupt_candidate_leaves_current_serving(
     before = outputs(ep, "evergreen")
     was = current(serving_cfg)
     with pytest.raises(SwapError, match=f"failed at {stage}"):
-        swapper.promote(version, reason="corrupt")
+        promotion.promote(serving_cfg, version, swapper=swapper, reason="corrupt")
     assert current(serving_cfg) == was
     assert outputs(ep, "evergreen") == before
     assert served_name(serving_cfg, version) not in ep.models()
@@ -245,7 +246,7 @@ def test_no_request_fails_during_swaps(
             time.sleep(0.05)
         for version in ("v0001", "v0003", "v0002", start):
             assert version is not None
-            swapper.promote(version, reason="under load")
+            promotion.promote(serving_cfg, version, swapper=swapper, reason="under load")
             mark = len(seen)
             while len(seen) < mark + 4:
                 time.sleep(0.05)
@@ -303,7 +304,7 @@ def test_two_endpoints_swap_all_or_none(
     assert reconciled[ep2.name] == "restored"
     assert reconciled[ep1.name] == "ok"
     make_lora(serving_cfg, "v0006", seed=6)
-    sw.promote("v0006", reason="fan-out")
+    promotion.promote(serving_cfg, "v0006", swapper=sw, reason="fan-out")
     out = outputs(ep1, "evergreen")
     assert out == outputs(ep1, "evergreen-v0006")
     assert outputs(ep2, "evergreen") == out  # same weights on both servers
@@ -311,7 +312,7 @@ def test_two_endpoints_swap_all_or_none(
     # smoke-tests it, server 2 refuses, so neither may switch.
     make_lora(serving_cfg, "v0007", seed=7, rank=16)
     with pytest.raises(SwapError, match="failed at load"):
-        sw.promote("v0007", reason="fan-out partial")
+        promotion.promote(serving_cfg, "v0007", swapper=sw, reason="fan-out partial")
     assert current(serving_cfg) == "v0006"
     assert outputs(ep1, "evergreen") == out
     assert outputs(ep2, "evergreen") == out

@@ -16,8 +16,11 @@ from typing import Any
 
 import pytest
 
+from daemon.config import Config
+from daemon.serving import promotion
 from daemon.training import plan as plan_mod
-from daemon.training import runner
+from daemon.training import runner, scoring, spawn
+from daemon.training.finish import PromoteFn
 from daemon.training.warm import WarmTrainer
 from store import adapters, documents, stages
 from store.db import open_db
@@ -34,6 +37,11 @@ PERMISSIVE_GATE = {
     "max_general_regression": 1.0,
     "max_eval_drop_points": 100.0,
 }
+
+
+def _promote(cfg: Config) -> PromoteFn:
+    """Serving's promotion, as the service injects it (serving.mode = none: pointer only)."""
+    return lambda version, reason: promotion.promote(cfg, version, reason)
 
 
 def _cfg(tmp_path: Path, base: Path, **training: object):
@@ -69,9 +77,9 @@ def test_stage_learns_promotes_and_replays(tmp_path: Path, tiny_seed_model: Path
     db = open_db(cfg.db_path)
     add_doc(db, FACTS_A[:6], holdout=FACTS_A[6:])
     seen: list[dict] = []
-    res = runner.run_stage(cfg, db, on_progress=seen.append)
-    assert res["status"] == "promoted", res
-    m = res["metrics"]
+    res = runner.run_stage(cfg, db, promote=_promote(cfg), on_progress=seen.append)
+    assert res.status == "promoted", res
+    m = res.metrics
     assert m["candidate"]["new_loss"] < m["baseline"]["new_loss"] - 0.05
     for side in ("candidate", "baseline"):
         assert {"new_loss", "general_loss", "eval:facts"} <= set(m[side])
@@ -96,9 +104,9 @@ def test_stage_learns_promotes_and_replays(tmp_path: Path, tiny_seed_model: Path
 
     # stage 2: warm start from v0001, replay chunks really in the packed batches
     add_doc(db, FACTS_B[:6], holdout=FACTS_B[6:])
-    res2 = runner.run_stage(cfg, db)
-    assert res2["status"] in ("promoted", "rejected"), res2
-    row = stages.get(db, res2["stage_id"])
+    res2 = runner.run_stage(cfg, db, promote=_promote(cfg))
+    assert res2.status in ("promoted", "rejected"), res2
+    row = stages.get(db, res2.stage_id)
     plan = row["plan"]
     assert plan["parent_version"] == "v0001" and plan["init_adapter"].endswith("v0001")
     assert plan["replay_chunk_ids"]
@@ -118,10 +126,10 @@ def test_nan_loss_fails_stage_without_adapter(
     cfg = _cfg(tmp_path, tiny_seed_model)
     db = open_db(cfg.db_path)
     add_doc(db, FACTS_A)
-    res = runner.run_stage(cfg, db)
-    assert res["status"] == "failed"
-    assert "non-finite loss at step 2" in res["reason"]
-    assert stages.get(db, res["stage_id"])["status"] == "failed"
+    res = runner.run_stage(cfg, db, promote=_promote(cfg))
+    assert res.status == "failed"
+    assert "non-finite loss at step 2" in res.reason
+    assert stages.get(db, res.stage_id)["status"] == "failed"
     assert not cfg.adapters_dir.exists() or not any(cfg.adapters_dir.iterdir())
     assert adapters.list_adapters(db, "default") == []
     assert documents.pending_chunks(db, "default")  # data is still pending
@@ -148,11 +156,11 @@ def test_kill9_mid_stage_then_resume(tmp_path: Path, tiny_seed_model: Path) -> N
     assert sid is not None
     stage_dir = cfg.stages_dir / str(sid)
     proc = subprocess.Popen(
-        runner.stage_command(cfg, sid),
+        spawn.stage_command(cfg, sid),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env=runner._env(),
-        cwd=str(runner.PROJECT_ROOT),
+        env=spawn.subprocess_env(),
+        cwd=str(spawn.PROJECT_ROOT),
     )
     try:
         _wait_for(
@@ -169,10 +177,10 @@ def test_kill9_mid_stage_then_resume(tmp_path: Path, tiny_seed_model: Path) -> N
     assert row["progress"]["step"] < row["progress"]["total"]
     assert not (cfg.adapters_dir / "v0001").exists()
 
-    res = runner.run_stage(cfg, db, stage_id=sid)
-    assert res["status"] == "promoted", res
-    assert res["metrics"]["training"]["resumed_from_step"] >= 3
-    assert res["metrics"]["training"]["steps"] == res["metrics"]["training"]["total_steps"]
+    res = runner.run_stage(cfg, db, promote=_promote(cfg), stage_id=sid)
+    assert res.status == "promoted", res
+    assert res.metrics["training"]["resumed_from_step"] >= 3
+    assert res.metrics["training"]["steps"] == res.metrics["training"]["total_steps"]
     PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(tiny_seed_model), cfg.adapters_dir / "v0001"
     )
@@ -191,16 +199,16 @@ def test_stop_event_checkpoints_and_daemon_startup_resumes(
         if (msg.get("step") or 0) >= 2:
             stop.set()
 
-    res = runner.run_stage(cfg, db, on_progress=on_progress, stop_event=stop)
-    assert res["status"] == "interrupted", res
-    sid = res["stage_id"]
+    res = runner.run_stage(cfg, db, promote=_promote(cfg), on_progress=on_progress, stop_event=stop)
+    assert res.status == "interrupted", res
+    sid = res.stage_id
     assert stages.get(db, sid)["status"] == "running"
     assert (cfg.stages_dir / str(sid) / "checkpoint" / "state.pt").is_file()
 
-    (out,) = runner.resume_or_fail_running(cfg, db)
-    assert out["stage_id"] == sid and out["status"] == "promoted", out
-    assert out["metrics"]["training"]["resumed_from_step"] >= 2
-    assert runner.resume_or_fail_running(cfg, db) == []
+    (out,) = runner.resume_or_fail_running(cfg, db, promote=_promote(cfg))
+    assert out.stage_id == sid and out.status == "promoted", out
+    assert out.metrics["training"]["resumed_from_step"] >= 2
+    assert runner.resume_or_fail_running(cfg, db, promote=_promote(cfg)) == []
     db.conn.close()
 
 
@@ -217,8 +225,8 @@ def test_resume_fails_cleanly_when_base_model_is_gone(
     sid = plan_mod.write_plan(cfg, db)
     stages.set_status(db, sid, stages.RUNNING, pid=os.getpid())
     shutil.rmtree(base)
-    (out,) = runner.resume_or_fail_running(cfg, db)
-    assert out["status"] == "failed"
+    (out,) = runner.resume_or_fail_running(cfg, db, promote=_promote(cfg))
+    assert out.status == "failed"
     assert "gone" in stages.get(db, sid)["reason"]
     db.conn.close()
 
@@ -229,7 +237,7 @@ def test_scorer_writes_chunk_losses_under_base_model(tmp_path: Path, tiny_seed_m
     add_doc(db, FACTS_A[:3])
     add_doc(db, ["zq xv kw pj " * 5])
     ids = [int(c["id"]) for c in documents.pending_chunks(db, "default")]
-    assert runner.score_chunks(cfg, None) == 0
+    assert scoring.score_chunks(cfg, None) == 0
     got = documents.scores(db, None, ids)
     assert set(got) == set(ids)
     assert all(0.0 < v < 20.0 for v in got.values())
@@ -242,11 +250,11 @@ def test_general_mix_adds_general_text_rows(tmp_path: Path, tiny_seed_model: Pat
     cfg = _cfg(tmp_path, tiny_seed_model, general_mix=1.0, epochs=2.0)
     db = open_db(cfg.db_path)
     add_doc(db, FACTS_A)
-    res = runner.run_stage(cfg, db)
-    assert res["status"] in ("promoted", "rejected"), res
-    plan = stages.get(db, res["stage_id"])["plan"]
+    res = runner.run_stage(cfg, db, promote=_promote(cfg))
+    assert res.status in ("promoted", "rejected"), res
+    plan = stages.get(db, res.stage_id)["plan"]
     assert plan["general_replay"].endswith("general_train.txt") and plan["general_mix"] == 1.0
-    t = res["metrics"]["training"]
+    t = res.metrics["training"]
     # general rows are trained on top of the stage's own data, about 1:1
     assert t["tokens_trained"] > 1.5 * t["data_tokens_trained"]
     db.conn.close()
@@ -260,7 +268,7 @@ def _warm_setup(
     cfg = _cfg(tmp_path, base, epochs=epochs)
     db = open_db(cfg.db_path)
     add_doc(db, FACTS_A)
-    warm = runner.warm_trainer(cfg)
+    warm = spawn.warm_trainer(cfg)
     try:
         yield cfg, db, warm
     finally:
@@ -279,13 +287,13 @@ def test_warm_stage_process_runs_the_stage_it_is_handed(
         time.sleep(1.0)
         assert warm.pid == warm_pid
         assert stages.list_stages(db, "default") == []
-        res = runner.run_stage(cfg, db, warm=warm)
-        assert res["status"] == "promoted", res
-        row = stages.get(db, res["stage_id"])
+        res = runner.run_stage(cfg, db, promote=_promote(cfg), warm=warm)
+        assert res.status == "promoted", res
+        row = stages.get(db, res.stage_id)
         assert row["pid"] == warm_pid  # the warm process ran it, not a cold one
         assert warm.pid is None  # used up; the daemon starts the next one
-        log_text = (cfg.stages_dir / str(res["stage_id"]) / "stage.log").read_text()
-        assert (cfg.adapters_dir / res["version"] / "adapter_model.safetensors").is_file()
+        log_text = (cfg.stages_dir / str(res.stage_id) / "stage.log").read_text()
+        assert (cfg.adapters_dir / res.version / "adapter_model.safetensors").is_file()
         assert "Traceback" not in log_text
 
 
@@ -298,9 +306,9 @@ def test_dead_warm_process_falls_back_to_a_cold_start_and_close_stops_it(
         assert dead is not None
         os.kill(dead, signal.SIGKILL)
         _wait_for(lambda: not Path(f"/proc/{dead}").exists() or _is_zombie(dead), 30)
-        res = runner.run_stage(cfg, db, warm=warm)
-        assert res["status"] in ("promoted", "rejected"), res
-        assert stages.get(db, res["stage_id"])["pid"] != dead
+        res = runner.run_stage(cfg, db, promote=_promote(cfg), warm=warm)
+        assert res.status in ("promoted", "rejected"), res
+        assert stages.get(db, res.stage_id)["pid"] != dead
         # close() ends an idle warm process (here one still importing) within seconds
         warm.prewarm()
         live = warm.pid
@@ -323,11 +331,11 @@ def test_min_steps_repeats_a_small_stage_data_and_max_steps_still_caps(
     cfg = _cfg(tmp_path, tiny_seed_model, epochs=1.0, min_steps=15, batch_tokens=4096)
     db = open_db(cfg.db_path)
     add_doc(db, FACTS_A)
-    res = runner.run_stage(cfg, db)
-    t = res["metrics"]["training"]
+    res = runner.run_stage(cfg, db, promote=_promote(cfg))
+    t = res.metrics["training"]
     # one epoch of this tiny document is a single micro-batch; min_steps makes it 15
     assert t["steps"] == t["total_steps"] == 15
-    plan = stages.get(db, res["stage_id"])["plan"]
+    plan = stages.get(db, res.stage_id)["plan"]
     packed = json.loads((Path(plan["stage_dir"]) / "data.json").read_text())
     assert packed["micro_batches"] == 1
     assert t["data_tokens_trained"] == 15 * (packed["new_tokens"] + packed["replay_tokens"])
@@ -336,7 +344,7 @@ def test_min_steps_repeats_a_small_stage_data_and_max_steps_still_caps(
     cfg2 = _cfg(tmp_path / "b", tiny_seed_model, epochs=1.0, min_steps=15, max_steps=4)
     db2 = open_db(cfg2.db_path)
     add_doc(db2, FACTS_A)
-    assert runner.run_stage(cfg2, db2)["metrics"]["training"]["steps"] == 4
+    assert runner.run_stage(cfg2, db2, promote=_promote(cfg2)).metrics["training"]["steps"] == 4
     db2.conn.close()
 
 
@@ -349,7 +357,7 @@ def test_warm_process_that_crashes_idle_is_not_respawned_on_every_wake(tmp_path:
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text('raise ImportError("broken daemon package")\n')
     env = {**os.environ, "PYTHONPATH": str(fake.parent)}
-    warm = WarmTrainer(cfg, runner.stage_command(cfg, None), env, str(fake.parent))
+    warm = WarmTrainer(cfg, spawn.stage_command(cfg, None), env, str(fake.parent))
     try:
         warm.prewarm()
         first = warm._proc

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from daemon.training import plan as plan_mod
-from daemon.training import runner
+from daemon.training import spawn
 from store import stages
 from store.db import open_db
 from tests.fixtures_model import add_doc, make_tiny_cfg
@@ -35,7 +35,7 @@ def test_stage_adapter_is_served_by_vllm(
     add_doc(db, [f"The vorpal number {i} hides in Zanthu{i}." for i in range(6)])
     sid = plan_mod.write_plan(cfg, db)
     assert sid is not None
-    rc, _ = runner.spawn_stage(cfg, sid)
+    rc, _ = spawn.spawn_stage(cfg, sid)
     row = stages.get(db, sid)
     assert rc == 0 and row["status"] == "evaluated", row.get("reason")
     path = Path(row["plan"]["output_dir"])

@@ -20,10 +20,6 @@ from daemon.errors import EvergreenError
 from daemon.scheduling import probes
 from policies.augment import Request
 
-# The key file the managed vLLM's key is generated into (daemon.serving.vllm.API_KEY_FILE;
-# that worker may not be imported from here, and a test checks that the two agree).
-API_KEY_FILE = "vllm-api-key"
-
 
 class GenerateError(EvergreenError, RuntimeError):
     """The server could not be asked (down, busy, timed out): try again later."""
@@ -65,8 +61,8 @@ def resolve(cfg: Config) -> Target:
         key = _read_key(Path(a.api_key_file).expanduser())
     elif served and cfg.serving.api_key:
         key = cfg.serving.api_key
-    elif served and (cfg.state_path / API_KEY_FILE).is_file():
-        key = _read_key(cfg.state_path / API_KEY_FILE)
+    elif served and cfg.api_key_path.is_file():
+        key = _read_key(cfg.api_key_path)
     else:
         key = ""
     return Target(url, key, a.model or cfg.serving.model_name, served)

@@ -153,8 +153,8 @@ _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?([A-Za-z0-9_.:-]+)"
 
 
 def html_to_text(data: bytes) -> str:
-    """HTML -> readable text with inscriptis (keeps list and table layout)."""
-    from inscriptis import get_text
+    """HTML -> readable text with inscriptis (keeps list and table layout), at any depth."""
+    from daemon.ingest import htmltext
 
     m = _META_CHARSET.search(data[:4096])
     declared = m.group(1).decode("ascii", "replace") if m else None
@@ -163,8 +163,7 @@ def html_to_text(data: bytes) -> str:
     html = decode_text(data, fallback=declared)
     if not html.strip():
         raise Quarantine(EMPTY, "HTML has no content")
-    text: str = get_text(html)
-    return text
+    return htmltext.to_text(html)
 
 
 def pdf_to_text(data: bytes) -> str:

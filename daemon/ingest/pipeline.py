@@ -24,6 +24,7 @@ import sqlite_utils
 
 from daemon.config import Config
 from daemon.ingest.commit import Committer
+from daemon.ingest.dirs import ensure_dir
 from daemon.ingest.discover import expand
 from daemon.ingest.outcome import QUARANTINED, UNCHANGED, OnOutcome, Outcome, Prepared, Summary
 from daemon.ingest.prepare import Preparer
@@ -140,6 +141,7 @@ def ingest_paths(
     ``{"outcomes": {"ingested", "duplicate", "unchanged", "superseded", "quarantined",
     "ignored"}, "errors": [{"path", "error"}], "files", "chunks", "tokens", "seconds"}``.
     """
+    ensure_dir("state_dir", cfg.state_path, writable=True)
     summary = Summary()
     items = expand(paths)
     with open_db(cfg.db_path, cache_mib=INGEST_CACHE_MIB) as db:

@@ -1,8 +1,9 @@
 """Feeds the inbox into the pipeline: watchdog events, a stability rule, periodic rescans.
 
 Events only mark a path *pending*. One worker thread owns the DB connection and ingests a
-pending file once it is stable: a close-write event was seen (the writer is done), or its
-size and mtime have not changed for ``quiet_period_s``. A full rescan at start and every
+pending file once it is stable: its size and mtime have not changed for ``quiet_period_s``,
+or for a second after a close-write event (unless it keeps being closed and written
+again; see :mod:`daemon.ingest.stability`). A full rescan at start and every
 ``rescan_interval_s`` catches files added while the daemon was down and events lost to an
 inotify overflow; a rescan that finds a file whose mtime is already older than the quiet
 period ingests it at once.
@@ -20,7 +21,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import sqlite_utils
@@ -28,12 +28,15 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from daemon.config import Config
+from daemon.errors import EvergreenError
 from daemon.ingest import scan
+from daemon.ingest.dirs import ensure_dirs
 from daemon.ingest.discover import is_ignored_name
 from daemon.ingest.outcome import OnOutcome, Summary
 from daemon.ingest.pipeline import Ingester
 from daemon.ingest.stability import PendingFiles
 from store.db import Database, open_db
+from store.errors import store_error
 
 log = logging.getLogger("evergreen.ingest.watcher")
 
@@ -110,13 +113,14 @@ class InboxWatcher:
         self._worker: threading.Thread | None = None
         self._observer: Any = None
         self._ingester: Ingester | None = None
+        self._last_error = ""  # the store problem logged last (logged again once it changes)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Create the inbox, start watching, then rescan (on the worker thread)."""
         if self._worker is not None:
             return
-        Path(self.inbox).mkdir(parents=True, exist_ok=True)
+        ensure_dirs(self.cfg)
         self._stop.clear()
         observer = Observer()
         try:
@@ -223,8 +227,9 @@ class InboxWatcher:
                 while not self._stop.is_set():
                     try:
                         next_rescan = self._step(next_rescan)
-                    except Exception:
-                        log.exception("inbox worker error; retrying in %.0f s", ERROR_BACKOFF_S)
+                        self._last_error = ""
+                    except Exception as exc:
+                        self._log_error("inbox worker error", exc)
                         self._stop.wait(ERROR_BACKOFF_S)
             finally:
                 self._ingester = None
@@ -239,13 +244,22 @@ class InboxWatcher:
         while True:
             try:
                 return open_db(self.cfg.db_path)
-            except Exception:
-                log.exception(
-                    "inbox worker cannot open the store; retrying in %.0f s", ERROR_BACKOFF_S
-                )
+            except Exception as exc:
+                self._log_error("inbox worker cannot open the store", exc)
                 if self._stop.wait(ERROR_BACKOFF_S):
                     self._release_waiters()
                     return None
+
+    def _log_error(self, what: str, exc: Exception) -> None:
+        """One line for a store problem the user can fix (disk full, corrupt, locked),
+        logged when it starts or changes rather than every retry; a traceback otherwise.
+        """
+        known = exc if isinstance(exc, EvergreenError) else store_error(exc, self.cfg.db_path)
+        if known is None:
+            log.exception("%s; retrying in %.0f s", what, ERROR_BACKOFF_S)
+        elif str(known) != self._last_error:
+            log.error("%s: %s (retrying every %.0f s)", what, known, ERROR_BACKOFF_S)
+        self._last_error = "" if known is None else str(known)
 
     def _release_waiters(self) -> None:
         """Anyone still waiting on rescan() gets an empty answer rather than hanging."""

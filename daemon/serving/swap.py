@@ -1,4 +1,4 @@
-"""The swapper: make every vLLM endpoint agree with the store's current adapter.
+"""The swapper: flip the stable name on every vLLM endpoint to one adapter version, or on none.
 
 Names on each endpoint (``model_name`` = ``evergreen`` by default):
 
@@ -18,10 +18,9 @@ A swap to version V, on N endpoints, all or none:
 3. verify: the alias points at V and greedy output under ``evergreen`` equals V's; otherwise
    flip everything back.
 
-:meth:`Swapper.reconcile` (startup, periodically, after a vLLM restart) re-does the same per
-endpoint wherever the alias does not point at the store's current version. Store pointer
-moves happen only in :meth:`Swapper.promote` / :meth:`Swapper.rollback` (after a successful
-swap) and in :func:`promote_version` / :func:`rollback_version` used by the CLI.
+This module never moves the store's current pointer: :mod:`daemon.serving.promotion` does,
+after a successful swap. :mod:`daemon.serving.reconcile` (startup, periodically, after a vLLM
+restart) brings each endpoint back to the store's pointer with the same steps.
 """
 
 from __future__ import annotations
@@ -30,17 +29,15 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import sqlite_utils
-
 from daemon.config import Config
 from daemon.errors import EvergreenError
+from daemon.serving import reconcile as reconcile_mod
 from daemon.serving.adapters import (
     BASE_VERSION,
     AdapterRejected,
@@ -50,10 +47,8 @@ from daemon.serving.adapters import (
     served_name,
     validate_adapter_dir,
 )
-from daemon.serving.vllm import VLLMClient, VLLMError, load_or_create_api_key
-from store import adapters as store_adapters
-from store import events
-from store.db import open_db
+from daemon.serving.audit import record_event
+from daemon.serving.client import VLLMClient, VLLMError
 
 log = logging.getLogger(__name__)
 
@@ -93,28 +88,13 @@ class EndpointState:
     checked_at: float = 0.0
 
 
-@contextlib.contextmanager
-def _db(cfg: Config) -> Iterator[sqlite_utils.Database]:
-    db = open_db(cfg.db_path)
-    try:
-        yield db
-    finally:
-        db.conn.close()
-
-
-def _record(cfg: Config, kind: str, message: str, version: str, data: dict[str, Any]) -> None:
-    try:
-        with _db(cfg) as db:
-            events.record(db, kind, message, subject=version, track=cfg.track, data=data)
-    except Exception:  # the audit log must not turn a swap outcome into a crash
-        log.exception("could not record %s event", kind)
-
-
 class Swapper:
     """Keeps the stable name on every endpoint pointed at the store's current adapter.
 
-    Thread-safe: one lock serialises swaps and reconciles. ``on_swap`` callbacks get each
-    :class:`SwapResult` (ok or not) for metrics; ``durations`` keeps recent swap seconds.
+    Thread-safe: :attr:`lock` serialises swaps, reconciles and (held by
+    :mod:`daemon.serving.promotion`) the pointer move after a swap, so a reconcile never sees
+    the new version served and the old one current. ``on_swap`` callbacks get each
+    :class:`SwapResult` (ok or not) for metrics.
     """
 
     def __init__(
@@ -131,14 +111,8 @@ class Swapper:
         self.stable = cfg.serving.model_name
         self.on_swap: list[Callable[[SwapResult], None]] = [on_swap] if on_swap else []
         self.states = {ep.name: EndpointState(ep.name, ep.base_url) for ep in self.endpoints}
-        self.durations: deque[float] = deque(maxlen=1000)
-        self.last_swap_at = 0.0
-        self.swaps_ok = 0
-        self.swaps_failed = 0
-        self._lock = threading.RLock()
-        self._last_reconcile_error: dict[str, str] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.lock = threading.RLock()
+        self.last_reconcile_error: dict[str, str] = {}  # endpoint -> last error recorded
 
     @classmethod
     def from_config(cls, cfg: Config, **kwargs: Any) -> Swapper:
@@ -161,18 +135,8 @@ class Swapper:
         versions = {s.serving for s in self.states.values()}
         return versions.pop() if len(versions) == 1 else None
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "stable_name": self.stable,
-            "served_version": self.served_version(),
-            "last_swap_at": self.last_swap_at,
-            "swaps_ok": self.swaps_ok,
-            "swaps_failed": self.swaps_failed,
-            "endpoints": [vars(s).copy() for s in self.states.values()],
-        }
-
     # -- the swap ---------------------------------------------------------------------------
-    def _target(self, version: str) -> Path:
+    def target(self, version: str) -> Path:
         if version == BASE_VERSION:
             path = ensure_zero_adapter(self.cfg)
         else:
@@ -197,7 +161,7 @@ class Swapper:
         sc = self.cfg.serving
         return ep.completion(model, sc.smoke_prompt, max_tokens=sc.smoke_max_tokens)
 
-    def _verify(self, ep: VLLMClient, expected: str) -> None:
+    def verify(self, ep: VLLMClient, expected: str) -> None:
         got = ""
         for _ in range(VERIFY_ATTEMPTS):  # batch composition can flip a near-tie; retry
             got = self._smoke(ep, self.stable)
@@ -205,7 +169,7 @@ class Swapper:
                 return
         raise VLLMError(f"{ep.name}: greedy output under {self.stable} {got!r} != {expected!r}")
 
-    def _prepare(self, ep: VLLMClient, name: str, path: Path) -> tuple[str | None, bool, str]:
+    def prepare(self, ep: VLLMClient, name: str, path: Path) -> tuple[str | None, bool, str]:
         """Step 1 on one endpoint: (previous alias target, loaded now?, candidate's output)."""
         registry = ep.aliases()
         previous = (registry.get(self.stable) or {}).get("target")
@@ -218,7 +182,7 @@ class Swapper:
                     ep.unload_lora(name)
             raise
 
-    def _flip(self, ep: VLLMClient, name: str) -> None:
+    def flip(self, ep: VLLMClient, name: str) -> None:
         answer = ep.set_alias(self.stable, name)
         if answer.get("target") != name:
             raise VLLMError(
@@ -250,7 +214,7 @@ class Swapper:
 
     def swap_to(self, version: str, *, reason: str = "") -> SwapResult:
         """Serve ``version`` under the stable name on every endpoint, or on none (raises)."""
-        with self._lock:
+        with self.lock:
             started = time.monotonic()
             name = served_name(self.cfg, version)
             loaded: list[VLLMClient] = []
@@ -260,9 +224,9 @@ class Swapper:
             stage = "validate"
             mark = started
             try:
-                path = self._target(version)
+                path = self.target(version)
                 stage, mark = "load", _lap(timings, "validate", mark)
-                prepared, errors = self._each(lambda ep: self._prepare(ep, name, path))
+                prepared, errors = self._each(lambda ep: self.prepare(ep, name, path))
                 previous = {k: v[0] for k, v in prepared.items()}
                 loaded = [ep for ep in self.endpoints if prepared.get(ep.name, ("", False))[1]]
                 if errors:  # endpoints that failed have already unloaded what they loaded
@@ -270,9 +234,9 @@ class Swapper:
                 stage, mark = "flip", _lap(timings, "load_smoke", mark)
                 for ep in self.endpoints:
                     flipped.append(ep)
-                    self._flip(ep, name)
+                    self.flip(ep, name)
                 stage, mark = "verify", _lap(timings, "flip", mark)
-                _, errors = self._each(lambda ep: self._verify(ep, prepared[ep.name][2]))
+                _, errors = self._each(lambda ep: self.verify(ep, prepared[ep.name][2]))
                 if errors:
                     raise errors[0]
                 _lap(timings, "verify", mark)
@@ -286,10 +250,7 @@ class Swapper:
                 st = self.states[ep.name]
                 st.up, st.serving, st.last_error, st.checked_at = True, version, "", time.time()
             result = SwapResult(version, True, seconds, previous, f"serving {version}", timings)
-            self.durations.append(seconds)
-            self.last_swap_at = time.time()
-            self.swaps_ok += 1
-            _record(
+            record_event(
                 self.cfg,
                 "swap.done",
                 f"{self.stable} -> {name} on {len(self.endpoints)} endpoint(s) in {seconds:.2f}s"
@@ -334,9 +295,8 @@ class Swapper:
     ) -> SwapResult:
         seconds = time.monotonic() - started
         message = f"swap to {version} failed at {stage}: {exc}"
-        self.swaps_failed += 1
         result = SwapResult(version, False, seconds, previous, message)
-        _record(
+        record_event(
             self.cfg,
             "swap.failed",
             message,
@@ -354,200 +314,12 @@ class Swapper:
             except Exception:
                 log.exception("on_swap callback failed")
 
-    # -- pointer moves ----------------------------------------------------------------------
-    def promote(self, version: str, reason: str = "promote") -> SwapResult:
-        """Swap to ``version``, then (only if that worked) make it current in the store.
-
-        This is the ``swap(version, reason)`` callable a promoted stage is handed; it raises
-        :class:`SwapError` (pointer unchanged) when the swap does not happen.
-        """
-        with self._lock:
-            _known_version(self.cfg, version)
-            result = self.swap_to(version, reason=reason)
-            with _db(self.cfg) as db:
-                store_adapters.set_current(db, version, track=self.cfg.track, reason=reason)
-            return result
-
-    def rollback(self, version: str | None = None, *, reason: str = "rollback") -> SwapResult:
-        """Swap back to ``version`` (default: the promoted one before current) and point at it."""
-        with self._lock:
-            target = _rollback_target(self.cfg, version)
-            return self.promote(target, reason=reason)
-
     # -- reconcile --------------------------------------------------------------------------
-    def wanted_version(self) -> str:
-        with _db(self.cfg) as db:
-            return store_adapters.current(db, self.cfg.track) or BASE_VERSION
-
     def reconcile(self) -> dict[str, str]:
-        """Bring each endpoint's stable name to the store's current version; per endpoint.
-
-        Returns ``{endpoint: "ok" | "restored" | "down" | "error: ..."}``. An endpoint that
-        restarted and lost its adapters is restored here. Failures are recorded once per
-        distinct error (``swap.failed``), not on every period.
-        """
-        with self._lock:
-            want = self.wanted_version()
-            name = served_name(self.cfg, want)
-            out: dict[str, str] = {}
-            for ep in self.endpoints:
-                out[ep.name] = self._reconcile_one(ep, want, name)
-            return out
-
-    def _reconcile_one(self, ep: VLLMClient, want: str, name: str) -> str:
-        st = self.states[ep.name]
-        st.checked_at = time.time()
-        if not ep.health():
-            st.up, st.serving = False, None
-            return "down"
-        st.up = True
-        try:
-            alias = ep.aliases().get(self.stable)
-            path = self._target(want)
-            if alias and alias.get("target") == name and Path(alias["path"]).resolve() == path:
-                st.serving, st.last_error = want, ""
-                self._last_reconcile_error.pop(ep.name, None)
-                return "ok"
-            _, _, expected = self._prepare(ep, name, path)
-            self._flip(ep, name)
-            self._verify(ep, expected)
-        except (VLLMError, AdapterRejected, OSError) as exc:
-            st.last_error = str(exc)
-            st.serving = None
-            if self._last_reconcile_error.get(ep.name) != str(exc):
-                self._last_reconcile_error[ep.name] = str(exc)
-                _record(
-                    self.cfg,
-                    "swap.failed",
-                    f"reconcile {ep.name} to {want} failed: {exc}",
-                    want,
-                    {"stage": "reconcile", "endpoint": ep.name, "error": str(exc)},
-                )
-            log.warning("reconcile %s to %s failed: %s", ep.name, want, exc)
-            return f"error: {exc}"
-        st.serving, st.last_error = want, ""
-        self._last_reconcile_error.pop(ep.name, None)
-        _record(
-            self.cfg,
-            "swap.reconciled",
-            f"{ep.name}: {self.stable} restored to {name}",
-            want,
-            {"endpoint": ep.name, "previous": (alias or {}).get("target")},
-        )
-        log.info("reconcile: %s now serves %s as %s", ep.name, name, self.stable)
-        return "restored"
-
-    def start_reconciler(self, interval: float | None = None) -> None:
-        """Optional: reconcile every ``interval`` s in a daemon thread (until :meth:`stop`)."""
-        interval = interval or self.cfg.serving.reconcile_interval_s
-        self._stop.clear()
-
-        def run() -> None:
-            while not self._stop.wait(interval):
-                try:
-                    self.reconcile()
-                except Exception:
-                    log.exception("reconcile failed")
-
-        self._thread = threading.Thread(target=run, name="swap-reconciler", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        """Bring each endpoint's stable name to the store's current version (see
+        :func:`daemon.serving.reconcile.reconcile`)."""
+        return reconcile_mod.reconcile(self)
 
     def close(self) -> None:
-        self.stop()
         for ep in self.endpoints:
             ep.close()
-
-
-# -- helpers shared with the CLI --------------------------------------------------------------
-def _known_version(cfg: Config, version: str) -> dict[str, Any]:
-    with _db(cfg) as db:
-        row = store_adapters.get(db, version)
-    if row is None or row["track"] != cfg.track:
-        raise SwapError(f"unknown adapter version {version!r} on track {cfg.track!r}")
-    if row["status"] == store_adapters.REJECTED:
-        raise SwapError(f"adapter {version} was rejected by the promotion gate")
-    return row
-
-
-def _rollback_target(cfg: Config, version: str | None) -> str:
-    if version:
-        return version
-    with _db(cfg) as db:
-        current = store_adapters.current(db, cfg.track)
-        if current is None:
-            raise SwapError("nothing to roll back: no adapter is current")
-        target = store_adapters.previous_promoted(db, cfg.track, current)
-    if target is None:
-        raise SwapError(f"no promoted version before {current} to roll back to")
-    return target
-
-
-def cli_endpoints(cfg: Config) -> list[VLLMClient]:
-    """Endpoints the CLI can reach now: external ones, or the managed server if it is up."""
-    mode = cfg.serving.mode
-    if mode == "none":
-        return []
-    if mode == "external":
-        return Swapper.from_config(cfg).endpoints
-    host = f"[{cfg.serving.host}]" if ":" in cfg.serving.host else cfg.serving.host
-    key_file = cfg.state_path / "vllm-api-key"
-    if not cfg.serving.api_key and not key_file.exists():
-        return []  # the managed server never ran in this state dir
-    ep = VLLMClient(
-        f"http://{host}:{cfg.serving.port}",
-        load_or_create_api_key(cfg),
-        timeout=cfg.serving.request_timeout_s,
-    )
-    if not ep.health(timeout=2.0):
-        ep.close()
-        return []
-    return [ep]
-
-
-def _move_pointer(cfg: Config, version: str, reason: str) -> str:
-    _known_version(cfg, version)
-    path = adapter_path(cfg, version)
-    validate_adapter_dir(cfg, path)
-    link_for_resolver(cfg, version, path)  # pinnable by name even before the next swap
-    endpoints = cli_endpoints(cfg)
-    if not endpoints:
-        with _db(cfg) as db:
-            prev = store_adapters.set_current(db, version, track=cfg.track, reason=reason)
-        return (
-            f"current adapter {prev or 'base'} -> {version}; vLLM is not running, so the"
-            " daemon will serve it when it (re)starts (reconcile)"
-        )
-    swapper = Swapper(cfg, endpoints)
-    try:
-        with _db(cfg) as db:
-            prev = store_adapters.current(db, cfg.track)
-        result = swapper.promote(version, reason=reason)
-    finally:
-        swapper.close()
-    return (
-        f"current adapter {prev or 'base'} -> {version}; swapped on {len(endpoints)}"
-        f" endpoint(s) in {result.seconds:.2f}s"
-    )
-
-
-def promote_version(cfg: Config, version: str, reason: str = "manual promote") -> str:
-    """CLI ``promote``: swap ``version`` in (all endpoints or none), then move the pointer."""
-    try:
-        return _move_pointer(cfg, version, reason)
-    except AdapterRejected as exc:
-        raise SwapError(str(exc)) from exc
-
-
-def rollback_version(cfg: Config, version: str | None = None) -> str:
-    """CLI ``rollback``: back to ``version`` or to the promoted version before current."""
-    target = _rollback_target(cfg, version)
-    try:
-        return _move_pointer(cfg, target, f"rollback to {target}")
-    except AdapterRejected as exc:
-        raise SwapError(str(exc)) from exc

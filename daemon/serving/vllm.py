@@ -1,26 +1,20 @@
-"""Talking to vLLM: an HTTP client for one endpoint, and the managed vLLM child process.
-
-:class:`VLLMClient` wraps the handful of vLLM routes the swapper needs. It refuses to talk to
-a non-loopback endpoint without an API key, because the adapter routes can change what every
-client of that server is served.
+"""The managed vLLM server: a supervised child process of the daemon.
 
 :class:`ManagedVLLM` runs ``python -m vllm.entrypoints.openai.api_server`` as a child in its
 own process group (vLLM forks an engine-core process; killing the group leaves no orphans),
 writes its output to ``<state>/logs/vllm.log`` and restarts it with exponential backoff when it
 dies. Supervision is :meth:`ManagedVLLM.check`, one non-blocking step the daemon calls from its
-main loop (about once a second); it returns True when a restarted vLLM has just become healthy,
-and runs the ``on_restart`` callbacks then, so the caller reconciles adapters at once and the
-stable name serves the current version again within seconds. Callers without a loop can run
-the same step in a daemon thread with :meth:`ManagedVLLM.start_supervisor` instead.
+main loop (every few seconds; no thread of its own, so a hung main loop is visible to the
+systemd watchdog); it returns True when a restarted vLLM has just become healthy, and runs the
+``on_restart`` callbacks then, so the caller reconciles adapters at once and the stable name
+serves the current version again within seconds.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -29,38 +23,29 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
 
-import httpx
 import psutil
 
 from daemon.config import Config
-from daemon.errors import EvergreenError
+from daemon.serving.apikey import load_or_create_api_key
+from daemon.serving.client import (
+    PLUGIN_NAME,
+    InsecureEndpointError,
+    VLLMClient,
+    VLLMError,
+    is_loopback,
+)
+
+__all__ = ["ManagedVLLM", "VLLMError"]
 
 log = logging.getLogger(__name__)
 
-API_KEY_FILE = "vllm-api-key"
-PLUGIN_NAME = "evergreen"
 HEALTH_POLL_S = 0.5
 STOP_GRACE_S = 20.0
 BACKOFF_INITIAL_S = 1.0
 BACKOFF_MAX_S = 60.0
 STABLE_AFTER_S = 120.0  # healthy this long after a restart resets the backoff
 UNHEALTHY_RESTART_S = 60.0  # alive but failing /health this long after being up -> restart
-SUPERVISE_INTERVAL_S = 1.0
-
-
-class VLLMError(EvergreenError, RuntimeError):
-    """A vLLM endpoint misbehaved or refused a request; the message says which and why."""
-
-
-class InsecureEndpointError(VLLMError):
-    """A non-loopback endpoint without an API key (refused before any request is sent)."""
-
-
-class PluginMissingError(VLLMError):
-    """The endpoint does not run the evergreen vLLM plugin (needed for atomic swaps)."""
 
 
 def _pgid(pid: int) -> int | None:
@@ -74,136 +59,6 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and ``localhost``; names are not resolved (DNS can lie)."""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def load_or_create_api_key(cfg: Config) -> str:
-    """The configured key, else one generated once into ``<state>/vllm-api-key`` (mode 0600)."""
-    if cfg.serving.api_key:
-        return cfg.serving.api_key
-    path = cfg.state_path / API_KEY_FILE
-    if path.exists():
-        key = path.read_text(encoding="utf-8").strip()
-        if key:
-            return key
-    cfg.state_path.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_urlsafe(32)
-    tmp = path.with_name(f".{API_KEY_FILE}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, key.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    return key
-
-
-class VLLMClient:
-    """Synchronous client for one vLLM OpenAI-compatible endpoint (thread-safe via httpx)."""
-
-    def __init__(
-        self, base_url: str, api_key: str = "", *, timeout: float = 60.0, name: str = ""
-    ) -> None:
-        parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise VLLMError(f"endpoint {base_url!r}: expected http(s)://host:port")
-        if not api_key and not is_loopback(parts.hostname):
-            raise InsecureEndpointError(
-                f"endpoint {base_url}: refusing a non-loopback vLLM endpoint without an API key"
-                " (set serving.api_key)"
-            )
-        self.base_url = base_url.rstrip("/")
-        self.name = name or f"{parts.hostname}:{parts.port or 80}"
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __repr__(self) -> str:
-        return f"VLLMClient({self.base_url!r})"
-
-    # -- plumbing ---------------------------------------------------------------------------
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            return self._http.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise VLLMError(f"{self.name}: {method} {path} failed: {exc}") from exc
-
-    def _ok(self, resp: httpx.Response, what: str) -> httpx.Response:
-        if resp.status_code >= 400:
-            raise VLLMError(f"{self.name}: {what}: HTTP {resp.status_code}: {resp.text[:500]}")
-        return resp
-
-    # -- routes -----------------------------------------------------------------------------
-    def health(self, timeout: float = 5.0) -> bool:
-        try:
-            return self._http.get("/health", timeout=timeout).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def models(self) -> dict[str, str | None]:
-        """Served model ids -> their ``root`` (an adapter's path)."""
-        data = self._ok(self._request("GET", "/v1/models"), "list models").json()
-        return {m["id"]: m.get("root") for m in data.get("data", [])}
-
-    def completion(
-        self, model: str, prompt: str, *, max_tokens: int = 8, temperature: float = 0.0
-    ) -> str:
-        """Text of one non-streamed completion; greedy by default."""
-        body = {
-            "model": model,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "seed": 0,
-        }
-        resp = self._ok(self._request("POST", "/v1/completions", json=body), f"complete {model}")
-        choices = resp.json().get("choices") or []
-        if not choices or not isinstance(choices[0].get("text"), str):
-            raise VLLMError(f"{self.name}: completion for {model} returned no text")
-        return str(choices[0]["text"])
-
-    def load_lora(self, name: str, path: str | Path) -> None:
-        body = {"lora_name": name, "lora_path": str(path)}
-        self._ok(self._request("POST", "/v1/load_lora_adapter", json=body), f"load {name}")
-
-    def unload_lora(self, name: str) -> None:
-        body = {"lora_name": name}
-        self._ok(self._request("POST", "/v1/unload_lora_adapter", json=body), f"unload {name}")
-
-    def aliases(self) -> dict[str, dict[str, str]]:
-        """Registered names -> ``{"target", "path"}`` (the plugin's view; aliases included)."""
-        resp = self._request("GET", "/v1/evergreen/aliases")
-        if resp.status_code == 404:
-            raise PluginMissingError(
-                f"{self.name}: the evergreen vLLM plugin is not loaded; install evergreen into"
-                f" vLLM's environment and start vLLM with VLLM_PLUGINS={PLUGIN_NAME}"
-            )
-        body = self._ok(resp, "list aliases").json()
-        return dict(body.get("aliases", {}))
-
-    def set_alias(self, alias: str, target: str) -> dict[str, Any]:
-        """Atomically point ``alias`` at the adapter loaded as ``target``."""
-        body = {"alias": alias, "target": target}
-        resp = self._request("POST", "/v1/evergreen/alias", json=body)
-        if resp.status_code == 404 and "not loaded" not in resp.text:
-            raise PluginMissingError(f"{self.name}: the evergreen vLLM plugin is not loaded")
-        return dict(self._ok(resp, f"alias {alias} -> {target}").json())
-
-    def metrics(self) -> str:
-        return self._ok(self._request("GET", "/metrics"), "metrics").text
 
 
 def _port_in_use(host: str, port: int) -> bool:
@@ -221,9 +76,9 @@ class ManagedVLLM:
 
     ``start()`` launches it (non-blocking), ``wait_healthy()`` blocks until ``/health`` answers,
     ``stop()`` ends it and its engine process (SIGTERM to the group, SIGKILL after a grace).
-    ``start_supervisor()`` starts a daemon thread that restarts it with exponential backoff
-    (1 s doubling to 60 s) when it dies or stays unhealthy, then calls ``on_restart``
-    callbacks. Attributes ``up``, ``restarts`` and ``last_healthy_at`` are for metrics.
+    ``check()`` (called by the owner's loop) restarts it with exponential backoff (1 s
+    doubling to 60 s) when it dies or stays unhealthy, then calls ``on_restart`` callbacks.
+    Attributes ``up``, ``restarts`` and ``last_healthy_at`` are for metrics.
     """
 
     def __init__(
@@ -257,7 +112,6 @@ class ManagedVLLM:
         self.last_error = ""
         self._lock = threading.RLock()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._client: VLLMClient | None = None
 
     # -- the child --------------------------------------------------------------------------
@@ -437,8 +291,6 @@ class ManagedVLLM:
     def stop(self, grace: float = STOP_GRACE_S) -> None:
         """Stop supervision and vLLM (and its engine process); idempotent."""
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=grace + 15)
         with self._lock:
             self._kill_group(grace)
             self.up = False
@@ -510,23 +362,6 @@ class ManagedVLLM:
                 callback()
             except Exception:
                 log.exception("on_restart callback failed")
-
-    def start_supervisor(self, interval: float = SUPERVISE_INTERVAL_S) -> None:
-        """Run :meth:`check` every ``interval`` seconds in a daemon thread until ``stop()``."""
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(
-            target=self._supervise, args=(interval,), name="vllm-supervisor", daemon=True
-        )
-        self._thread.start()
-
-    def _supervise(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            try:
-                self.check()
-            except Exception:
-                log.exception("vLLM supervision step failed")
 
 
 def _group_alive(pgid: int) -> bool:

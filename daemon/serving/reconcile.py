@@ -1,0 +1,93 @@
+"""Reconcile: make each vLLM endpoint serve the store's current adapter again.
+
+Run at startup, every ``serving.reconcile_interval_s`` and right after a managed vLLM
+restart (which loses every loaded adapter). Per endpoint, not all-or-none like a swap: one
+endpoint that is down must not keep the others from being repaired. It never moves the
+store's pointer; it follows it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from daemon.serving.adapters import BASE_VERSION, AdapterRejected, served_name
+from daemon.serving.audit import record_event, store_db
+from daemon.serving.client import VLLMClient, VLLMError
+from store import adapters as store_adapters
+
+if TYPE_CHECKING:
+    from daemon.serving.swap import Swapper
+
+log = logging.getLogger(__name__)
+
+
+def wanted_version(swapper: Swapper) -> str:
+    """The store's current version for the swapper's track (``base`` when none)."""
+    with store_db(swapper.cfg) as db:
+        return store_adapters.current(db, swapper.cfg.track) or BASE_VERSION
+
+
+def reconcile(swapper: Swapper) -> dict[str, str]:
+    """Bring each endpoint's stable name to the store's current version; per endpoint.
+
+    Returns ``{endpoint: "ok" | "restored" | "down" | "error: ..."}``. An endpoint that
+    restarted and lost its adapters is restored here. Failures are recorded once per
+    distinct error (``swap.failed``), not on every period.
+    """
+    with swapper.lock:
+        want = wanted_version(swapper)
+        name = served_name(swapper.cfg, want)
+        return {ep.name: _reconcile_one(swapper, ep, want, name) for ep in swapper.endpoints}
+
+
+def _reconcile_one(swapper: Swapper, ep: VLLMClient, want: str, name: str) -> str:
+    st = swapper.states[ep.name]
+    st.checked_at = time.time()
+    if not ep.health():
+        st.up, st.serving = False, None
+        return "down"
+    st.up = True
+    try:
+        alias = ep.aliases().get(swapper.stable)
+        path = swapper.target(want)
+        if alias and alias.get("target") == name and Path(alias["path"]).resolve() == path:
+            st.serving, st.last_error = want, ""
+            swapper.last_reconcile_error.pop(ep.name, None)
+            return "ok"
+        _, _, expected = swapper.prepare(ep, name, path)
+        swapper.flip(ep, name)
+        swapper.verify(ep, expected)
+    except (VLLMError, AdapterRejected, OSError) as exc:
+        _failed(swapper, ep, want, exc)
+        return f"error: {exc}"
+    st.serving, st.last_error = want, ""
+    swapper.last_reconcile_error.pop(ep.name, None)
+    record_event(
+        swapper.cfg,
+        "swap.reconciled",
+        f"{ep.name}: {swapper.stable} restored to {name}",
+        want,
+        {"endpoint": ep.name, "previous": (alias or {}).get("target")},
+    )
+    log.info("reconcile: %s now serves %s as %s", ep.name, name, swapper.stable)
+    return "restored"
+
+
+def _failed(swapper: Swapper, ep: VLLMClient, want: str, exc: Exception) -> None:
+    """Remember the error on the endpoint; record it once per distinct error."""
+    st = swapper.states[ep.name]
+    st.last_error = str(exc)
+    st.serving = None
+    if swapper.last_reconcile_error.get(ep.name) != str(exc):
+        swapper.last_reconcile_error[ep.name] = str(exc)
+        record_event(
+            swapper.cfg,
+            "swap.failed",
+            f"reconcile {ep.name} to {want} failed: {exc}",
+            want,
+            {"stage": "reconcile", "endpoint": ep.name, "error": str(exc)},
+        )
+    log.warning("reconcile %s to %s failed: %s", ep.name, want, exc)
