@@ -11,7 +11,8 @@ import pytest
 
 from daemon.augment import augment_pending
 from daemon.config import Config
-from daemon.training import hparams, loop, runner, stage_data, stage_eval
+from daemon.serving import promotion
+from daemon.training import finish, hparams, loop, runner, stage_data, stage_eval
 from daemon.training import plan as plan_mod
 from store import adapters, documents, stages, synthetic
 from store.contracts import StagePlan
@@ -37,6 +38,11 @@ def make_cfg(tmp_path: Path, base: Path, *, passes: float = 8.0, **policy: Any) 
         policy={"replay": {"name": "uniform", "ratio": 1.0}, **policy},
         training={**training, "eval_every": 0, "checkpoint_every": 1000},
     )
+
+
+def promote_with(cfg: Config) -> finish.PromoteFn:
+    """Serving's promotion as the service injects it (serving.mode = none: pointer only)."""
+    return lambda version, reason: promotion.promote(cfg, version, reason)
 
 
 def ids_of(examples: list[Any]) -> set[int]:
@@ -134,7 +140,12 @@ def never_offered_to_replay(
     with transaction(db):
         adapters.register(db, plan.output_version, str(out), stage_id=sid)
         stages.set_status(db, sid, stages.EVALUATED, candidate_version=plan.output_version)
-    assert runner.promote_stage(cfg, db, sid, "test")["status"] == stages.PROMOTED
+
+    def pointer_only(version: str, reason: str) -> None:  # no adapter files in this test
+        adapters.set_current(db, version, track=cfg.track, reason=reason)
+
+    res = finish.promote_stage(cfg, db, sid, "test", promote=pointer_only)
+    assert res.status == stages.PROMOTED, res
     buffered = {int(r["chunk_id"]) for r in documents.replay_rows(db, cfg.track)}
     assert set(plan.new_chunk_ids) <= buffered and buffered.isdisjoint(syn_ids)
 
@@ -151,13 +162,13 @@ def test_a_real_stage_trains_on_synthetic_text_and_is_sized_by_it(
         with transaction(db):
             add_doc(db, NEW, holdout=["Mira studied at Kiel. The Orm is a river."])
         assert augment_pending(cfg, db).kept == 4
-        res = runner.run_stage(cfg, db)
-        assert res["status"] in ("promoted", "rejected"), res
-        plan = StagePlan.from_json((stages.get(db, res["stage_id"]) or {})["plan"])
+        res = runner.run_stage(cfg, db, promote=promote_with(cfg))
+        assert res.status in ("promoted", "rejected"), res
+        plan = StagePlan.from_json((stages.get(db, res.stage_id or 0) or {})["plan"])
         packed = json.loads((Path(plan.stage_dir) / "data.json").read_text())
         sources = Counter(s for row in packed["rows_sources"] for s in row)
         assert sources["synthetic"] == 4 and sources["new"] == 2
         sized = packed["new_tokens"] + packed["synthetic_tokens"]
         assert packed["synthetic_tokens"] > packed["new_tokens"] > 0
-        training = res["metrics"]["training"]
+        training = res.metrics["training"]
         assert training["total_steps"] == training["steps"] == -(-3 * sized // 256)
