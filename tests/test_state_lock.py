@@ -106,11 +106,11 @@ def wait_healthy(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"daemon exited {proc.returncode}:\n{log.read_text()}"
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                if "evergreen ready" in log.read_text(errors="replace"):
-                    return
+            up = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
         except httpx.HTTPError:
-            pass
+            up = False
+        if up and "evergreen ready" in log.read_text(errors="replace"):
+            return
         time.sleep(0.3)
     raise AssertionError(f"daemon not ready within {WAIT_S:.0f} s:\n{log.read_text()}")
 
@@ -204,9 +204,7 @@ def test_a_killed_daemon_leaves_no_stale_lock(
     assert second.poll() is None
 
 
-def test_metrics_port_in_use_is_one_line_and_exit_1(
-    tmp_path: Path, tiny_seed_model: Path
-) -> None:
+def test_metrics_port_in_use_is_one_line_and_exit_1(tmp_path: Path, tiny_seed_model: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
