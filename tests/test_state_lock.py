@@ -188,6 +188,20 @@ def test_second_daemon_and_write_commands_are_refused_reads_are_not(
     assert "received SIGTERM" not in text and "Traceback" not in text
 
 
+def test_a_daemon_is_refused_while_train_now_holds_the_state_dir(
+    tmp_path: Path, tiny_seed_model: Path
+) -> None:
+    cfg = write_cfg(tmp_path, tiny_seed_model, free_port())
+    state = tmp_path / "state"
+    with statelock.acquire(state, "evergreen train --now"):
+        line = one_error_line(cli(cfg, "run"))
+    assert line == (
+        f"error: `evergreen train --now` (pid {os.getpid()}) holds {state}:"
+        " wait for it to finish, or stop it first"
+    )
+    assert not (state / "evergreen.db").exists()  # refused before it touched the store
+
+
 def test_a_killed_daemon_leaves_no_stale_lock(
     tmp_path: Path, tiny_seed_model: Path, daemons: list[subprocess.Popen[bytes]]
 ) -> None:
