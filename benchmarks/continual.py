@@ -430,7 +430,7 @@ def speed_evergreen(base: Path, work: Path, docs: list[str], tok: Any, training:
             "min_steps": 0,  # one pass over the documents, as the baseline does
             "eval_every": 0,
             "early_stopping_patience": 1000,
-            "checkpoint_every": 0,
+            "checkpoint_every": 100_000,  # only at the end (and on a stop)
             # the trainer's own defaults for packing; no general mixing (same documents)
             "general_mix": 0.0,
             "batch_tokens": 4096,

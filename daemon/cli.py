@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from daemon import __version__, logs
@@ -52,10 +54,53 @@ def friendly_errors(fn: F) -> F:
             if ctx is not None and ctx.find_root().obj and ctx.find_root().obj.get("debug"):
                 raise
             label = "config error" if isinstance(exc, ConfigError) else "error"
-            err_console.print(f"[bold red]{label}:[/] {exc}", highlight=False)
+            print_error(label, exc)
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
+
+
+def print_error(label: str, exc: BaseException | str) -> None:
+    """``label: message`` on stderr as exactly one line: rich would wrap it at 80 columns
+    when stderr is not a terminal (journald, a pipe), and read ``[...]`` in it as markup."""
+    text = " ".join(str(exc).split())
+    err_console.print(f"[bold red]{label}:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
+# What a write command says when the daemon holds the state dir (see daemon.statelock).
+_BUSY_HINTS = {
+    "train --now": "it trains when its trigger policy fires: drop files into the inbox"
+    " ({inbox}) and watch `evergreen status`; stop it to train in the foreground",
+    "ingest": "copy the files into its inbox ({inbox}) and it ingests them"
+    " (`evergreen status` shows them)",
+    "promote": "it owns promotion and swaps: stop it, promote, then start it again"
+    " (it serves the new current adapter when it starts)",
+    "rollback": "it owns promotion and swaps: stop it, roll back, then start it again"
+    " (it serves the new current adapter when it starts)",
+    "seed-model --force": "it trains and serves on this seed model: stop it to rebuild it",
+}
+
+
+@contextmanager
+def state_dir_lock(cfg: Config, command: str) -> Iterator[None]:
+    """Hold the state dir's lock while a write command runs; refused (one line, exit 1)
+    when the daemon or another write command holds it."""
+    from daemon import statelock
+
+    try:
+        lock = statelock.acquire(cfg.state_path, f"evergreen {command}")
+    except statelock.StateDirBusy as busy:
+        if not busy.daemon:
+            raise busy.saying(
+                f"{busy.holder()} is using {cfg.state_path}: wait for it to finish"
+            ) from None
+        hint = _BUSY_HINTS[command].format(inbox=cfg.inbox_dir)
+        pid = f"pid {busy.pid}" if busy.pid else "pid unknown"
+        raise busy.saying(
+            f"the Evergreen daemon ({pid}) is running on {cfg.state_path}: {hint}"
+        ) from None
+    with lock:
+        yield
 
 
 def _print_json(data: Any) -> None:
@@ -136,7 +181,7 @@ def config_check(file: str) -> None:
     try:
         config_mod.load(file)
     except ConfigError as exc:
-        err_console.print(f"[bold red]invalid:[/] {exc}", highlight=False)
+        print_error("invalid", exc)
         sys.exit(1)
     console.print(f"[green]ok[/]: {file}")
 
@@ -158,7 +203,8 @@ def ingest(ctx: click.Context, paths: tuple[str, ...], as_json: bool) -> None:
     cfg = _load_config(ctx)
     # The summary below lists quarantined files; don't log each one a second time.
     logging.getLogger("evergreen.ingest").setLevel(logging.ERROR)
-    summary = ingest_paths(cfg, [Path(p) for p in paths], progress=not as_json)
+    with state_dir_lock(cfg, "ingest"):
+        summary = ingest_paths(cfg, [Path(p) for p in paths], progress=not as_json)
     if as_json:
         _print_json(summary)
         return
@@ -199,7 +245,11 @@ def seed_model(ctx: click.Context, force: bool) -> None:
     from daemon.training.seed import ensure_seed_model
 
     cfg = _load_config(ctx)
-    path = ensure_seed_model(cfg, force=force, progress=True)
+    if force:  # a rebuild replaces what the daemon trains and serves on
+        with state_dir_lock(cfg, "seed-model --force"):
+            path = ensure_seed_model(cfg, force=True, progress=True)
+    else:  # a cached build, or a new one published atomically: what the daemon itself runs
+        path = ensure_seed_model(cfg, progress=True)
     console.print(f"seed model ready: {path}", highlight=False)
 
 
@@ -225,7 +275,8 @@ def train(ctx: click.Context, now: bool, as_json: bool, no_swap: bool) -> None:
     def promote(version: str, reason: str) -> promotion.Promotion:
         return promotion.promote(cfg, version, reason, swap=not no_swap)
 
-    result = train_now(cfg, promote=promote, progress=not as_json)
+    with state_dir_lock(cfg, "train --now"):
+        result = train_now(cfg, promote=promote, progress=not as_json)
     if as_json:
         _print_json(result.to_dict())
     else:
@@ -287,7 +338,9 @@ def promote(ctx: click.Context, version: str, force: bool) -> None:
 
     cfg = _load_config(ctx)
     reason = "manual promote (forced past the gate)" if force else "manual promote"
-    console.print(promotion.promote(cfg, version, reason, force=force).message, highlight=False)
+    with state_dir_lock(cfg, "promote"):
+        done = promotion.promote(cfg, version, reason, force=force)
+    console.print(done.message, highlight=False, soft_wrap=True)
 
 
 @main.command()
@@ -299,7 +352,9 @@ def rollback(ctx: click.Context, version: str | None) -> None:
     from daemon.serving import promotion
 
     cfg = _load_config(ctx)
-    console.print(promotion.rollback(cfg, version).message, highlight=False)
+    with state_dir_lock(cfg, "rollback"):
+        done = promotion.rollback(cfg, version)
+    console.print(done.message, highlight=False, soft_wrap=True)
 
 
 @main.command()

@@ -22,6 +22,7 @@ subprocesses, which keeps the idle daemon small (RSS, CPU).
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import subprocess
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import sqlite_utils
 
 from daemon import config as config_mod
-from daemon import logs
+from daemon import logs, statelock
 from daemon.config import Config
 from daemon.errors import EvergreenError
 from daemon.ingest import ensure_dirs
@@ -177,6 +178,27 @@ class Service:
             self.swapper = Swapper.from_config(self.cfg, on_swap=self.on_swap)
         self.swapper.reconcile()
 
+    def _start_metrics(self) -> None:
+        mc = self.cfg.metrics
+        if not mc.enabled:
+            return
+        try:
+            self.http, _ = serve_http(
+                self.metrics, mc.host, mc.port, healthy=self.healthy, status=self.status
+            )
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ServiceError(
+                    f"metrics port {mc.host}:{mc.port} is in use (metrics.port): another"
+                    " program listens there; stop it, or set metrics.port or"
+                    " metrics.enabled = false"
+                ) from exc
+            raise ServiceError(
+                f"cannot serve metrics on {mc.host}:{mc.port} (metrics.host, metrics.port):"
+                f" {exc.strerror or exc}"
+            ) from exc
+        log.info("metrics on http://%s:%s/metrics", mc.host, mc.port)
+
     def _endpoint_states(self) -> list[dict[str, Any]]:
         if self.swapper is None:
             return []
@@ -188,18 +210,10 @@ class Service:
         cfg.logs_dir.mkdir(parents=True, exist_ok=True)
         self._db = open_db(cfg.db_path)  # migrates; the main loop's own connection
         cfg_file = self._write_effective_config()
+        self._start_metrics()  # first: a port in use fails in a second, before vLLM starts
         if self.training or cfg.serving.mode == "managed":
             self._ensure_base_model(cfg_file)
         self._start_serving()
-        if cfg.metrics.enabled:
-            self.http, _ = serve_http(
-                self.metrics,
-                cfg.metrics.host,
-                cfg.metrics.port,
-                healthy=self.healthy,
-                status=self.status,
-            )
-            log.info("metrics on http://%s:%s/metrics", cfg.metrics.host, cfg.metrics.port)
         if self.training:
             self.worker = StageWorker(self)
             self.worker.start()
@@ -312,7 +326,26 @@ class Service:
 
 
 def run_service(cfg: Config, *, training: bool = True) -> int:
-    """Entry point of ``evergreen run`` / ``serve``; returns the exit code."""
+    """Entry point of ``evergreen run`` / ``serve``; returns the exit code.
+
+    The state dir's lock comes first and is held until the end (:mod:`daemon.statelock`):
+    a second daemon raises :class:`~daemon.statelock.StateDirBusy` (one line, exit 1)
+    before it touches the store, a vLLM left behind, or a running stage.
+    """
+    command = "evergreen run" if training else "evergreen serve"
+    try:
+        lock = statelock.acquire(cfg.state_path, command)
+    except statelock.StateDirBusy as busy:
+        if busy.daemon:
+            raise busy.saying(f"{busy.holder()} holds {cfg.state_path}: stop it first") from None
+        raise busy.saying(
+            f"{busy.holder()} holds {cfg.state_path}: wait for it to finish, or stop it first"
+        ) from None
+    with lock:
+        return _run_locked(cfg, training=training)
+
+
+def _run_locked(cfg: Config, *, training: bool) -> int:
     logs.setup(cfg.log_level, cfg.log_format)
     stop = threading.Event()
 
@@ -327,8 +360,8 @@ def run_service(cfg: Config, *, training: bool = True) -> int:
     try:
         service.start()
         service.loop(stop.is_set)
-    except ServiceError as exc:
-        log.error("%s", exc)
+    except EvergreenError as exc:  # expected: one line; the traceback at log level debug
+        log.error("%s", " ".join(str(exc).split()), exc_info=log.isEnabledFor(logging.DEBUG))
         code = 1
     finally:
         service.stop(cfg.stop_grace_s)

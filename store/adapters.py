@@ -23,8 +23,17 @@ def _decode(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def next_version(db: sqlite_utils.Database) -> str:
+    """The version after every registered adapter and every version a stage reserved.
+
+    A stage reserves its version in its own row (``stages.output_version``, unique) when it
+    is planned, so a version is never handed out twice, even when its stage failed. Call it
+    in the transaction that creates the stage (:func:`daemon.training.plan.write_plan`).
+    """
     row = db.conn.execute(
-        "SELECT MAX(CAST(SUBSTR(version, 2) AS INTEGER)) FROM adapters WHERE version LIKE 'v%'"
+        "SELECT MAX(n) FROM ("
+        " SELECT CAST(SUBSTR(version, 2) AS INTEGER) AS n FROM adapters WHERE version LIKE 'v%'"
+        " UNION ALL SELECT CAST(SUBSTR(output_version, 2) AS INTEGER) FROM stages"
+        " WHERE output_version LIKE 'v%')"
     ).fetchone()
     return f"v{int(row[0] or 0) + 1:04d}"
 

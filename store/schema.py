@@ -215,6 +215,25 @@ def _m005_unreadable_dirs(conn: sqlite3.Connection) -> None:
     )
 
 
+def _m006_stage_output_version(conn: sqlite3.Connection) -> None:
+    """A stage reserves its adapter version in its own row, unique across the store.
+
+    Older stores reused a failed stage's version; only the newest stage that planned a
+    version keeps it here, so the unique index holds.
+    """
+    _script(
+        conn,
+        """
+        ALTER TABLE stages ADD COLUMN output_version TEXT;
+        UPDATE stages SET output_version = json_extract(plan, '$.output_version')
+         WHERE id IN (SELECT MAX(id) FROM stages
+                       WHERE json_valid(plan) AND json_extract(plan, '$.output_version') LIKE 'v%'
+                       GROUP BY json_extract(plan, '$.output_version'));
+        CREATE UNIQUE INDEX stages_output_version ON stages(output_version);
+        """,
+    )
+
+
 # Append only. Never edit a migration that has shipped; add a new one.
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("001_initial", _m001_initial),
@@ -222,6 +241,7 @@ MIGRATIONS: list[tuple[str, Migration]] = [
     ("003_synthetic_chunks", _m003_synthetic_chunks),
     ("004_path_key_backslashes", _m004_path_key_backslashes),
     ("005_unreadable_dirs", _m005_unreadable_dirs),
+    ("006_stage_output_version", _m006_stage_output_version),
 ]
 
 

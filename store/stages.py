@@ -34,11 +34,15 @@ def create(
     *,
     track: str = "default",
     parent_version: str | None = None,
+    output_version: str | None = None,
 ) -> int:
+    """A planned stage; ``output_version`` reserves its adapter version (unique: a second
+    stage for the same version raises ``sqlite3.IntegrityError``)."""
     now = time.time()
     cur = db.conn.execute(
-        "INSERT INTO stages (track, status, plan, parent_version, created_at) VALUES (?,?,?,?,?)",
-        (track, PLANNED, json.dumps(plan), parent_version, now),
+        "INSERT INTO stages (track, status, plan, parent_version, output_version, created_at)"
+        " VALUES (?,?,?,?,?,?)",
+        (track, PLANNED, json.dumps(plan), parent_version, output_version, now),
     )
     stage_id = int(cur.lastrowid or 0)
     events.record(

@@ -21,6 +21,7 @@ from daemon.scheduling import retry as retry_mod
 from daemon.training import hparams, sizing
 from store import adapters, documents, events, stages
 from store.contracts import StagePlan
+from store.db import savepoint
 
 MAX_RETENTION_CHUNKS = 128
 MAX_SCORE_CHUNKS = 2000  # replay buffer + pending chunks scored under the candidate
@@ -166,22 +167,29 @@ def write_plan(cfg: Config, db: sqlite_utils.Database) -> int | None:
     """Plan the next stage and write it to the store; None when nothing is pending."""
     from daemon.scheduling import planning
 
-    selection = planning.plan_stage(cfg, db)
-    if selection is None or not selection.get("new_chunk_ids"):
-        return None
-    plan = build_plan(cfg, db, selection)
-    stage_id = stages.create(
-        db, plan.to_dict(), track=cfg.track, parent_version=plan.parent_version
-    )
-    plan.stage_dir = str(cfg.stages_dir / str(stage_id))
-    stages.set_plan(db, stage_id, plan.to_json())
-    if plan.retry:
-        events.record(
+    # One write transaction (BEGIN IMMEDIATE; a savepoint inside a caller's): the version
+    # build_plan picks is reserved by the stage row before another planner can read it.
+    with savepoint(db, "write_plan"):
+        selection = planning.plan_stage(cfg, db)
+        if selection is None or not selection.get("new_chunk_ids"):
+            return None
+        plan = build_plan(cfg, db, selection)
+        stage_id = stages.create(
             db,
-            retry_mod.EVENT_KIND,
-            f"stage {stage_id}: {plan.retry['reason']}",
-            subject=str(stage_id),
+            plan.to_dict(),
             track=cfg.track,
-            data=plan.retry,
+            parent_version=plan.parent_version,
+            output_version=plan.output_version,
         )
+        plan.stage_dir = str(cfg.stages_dir / str(stage_id))
+        stages.set_plan(db, stage_id, plan.to_json())
+        if plan.retry:
+            events.record(
+                db,
+                retry_mod.EVENT_KIND,
+                f"stage {stage_id}: {plan.retry['reason']}",
+                subject=str(stage_id),
+                track=cfg.track,
+                data=plan.retry,
+            )
     return stage_id
