@@ -86,7 +86,21 @@ class TrainingConfig(Section):
     )
     learning_rate: float = num(4e-3, 1e-7, 1.0, "Peak learning rate (warmup then cosine).")
     warmup_ratio: float = num(0.05, 0, 0.5, "Share of steps used for LR warmup.")
-    epochs: float = num(8.0, 0.01, 1000, "Passes over the stage's data mix.")
+    epochs: float = num(
+        8.0,
+        0.01,
+        1000,
+        "Passes over the stage's whole data mix (new + synthetic + replay); sets the "
+        "stage's length only when `passes` = 0.",
+    )
+    passes: float = num(
+        8.0,
+        0,
+        10_000,
+        "A stage's length from its data: steps = passes x (new + synthetic tokens) / "
+        "(batch_tokens x grad_accum), then `min_steps`..`max_steps`. Replay shares these "
+        "steps (it displaces repetitions of the new data). 0 = size by `epochs`.",
+    )
     batch_tokens: int = num(512, 64, 10_000_000, "Tokens per micro-batch (packed, never padded).")
     grad_accum: int = num(1, 1, 1024, "Micro-batches per optimizer step.")
     max_seq_len: int = num(512, 16, 1_000_000, "Longest packed sequence.")
@@ -100,11 +114,12 @@ class TrainingConfig(Section):
     checkpoint_every: int = num(20, 1, MAX_STEPS, "Steps between resumable checkpoints.")
     max_steps: int = num(0, 0, MAX_STEPS, "Hard cap on optimizer steps per stage (0 = no cap).")
     min_steps: int = num(
-        1000,
+        100,
         0,
         MAX_STEPS,
-        "Optimizer steps a stage takes at least, repeating its data beyond `epochs` when "
-        "it is small (a few facts need hundreds of steps to stick).",
+        "Optimizer steps a stage takes at least, repeating its data beyond `passes` when "
+        "it is small (a few facts need some steps to stick; 1000 with passes = 0 is the "
+        "old fixed recipe).",
     )
     seed: int = num(0, 0, 2**32 - 1, "Random seed for data order and LoRA init.")
     base_adapter: str = opt("", "Start the first stage from this existing PEFT adapter dir.")
@@ -117,8 +132,8 @@ class TrainingConfig(Section):
         0.25,
         0,
         100,
-        "General-text tokens mixed into each stage per new token, to anchor the base "
-        "distribution (0 = off).",
+        "General-text tokens mixed into each stage per new (or synthetic) token, to anchor "
+        "the base distribution (0 = off).",
     )
     general_replay: str = opt(
         "", "General text to mix in (default: the seed model's general_train.txt)."

@@ -102,6 +102,7 @@ class Gate(Params):
             reasons=r.failed + r.passed,
             data={
                 "failed": r.failed,
+                "failed_metrics": r.failed_metrics,
                 "passed": r.passed,
                 "summary": f"{head}: " + "; ".join(r.failed or r.passed),
             },
@@ -114,6 +115,7 @@ class Gate(Params):
         cand, base = pair
         improvement = -_rel(cand, base)
         r.check(
+            "new_loss",
             improvement >= self.min_new_improvement,
             f"new-data loss {base:.4f} → {cand:.4f} ({improvement:+.1%} improvement,"
             f" need ≥ {self.min_new_improvement:.1%})",
@@ -132,6 +134,7 @@ class Gate(Params):
         cand, base = pair
         change = _rel(cand, base)
         r.check(
+            key,
             change <= limit,
             f"{label} loss {base:.4f} → {cand:.4f} ({change:+.1%}, allowed ≤ +{limit:.1%})",
         )
@@ -150,6 +153,7 @@ class Gate(Params):
             cand, base = pair
             drop = base - cand
             r.check(
+                key,
                 drop <= self.max_eval_drop_points,
                 f"{key} {base:.1f} → {cand:.1f} points ({-drop:+.1f},"
                 f" allowed drop ≤ {self.max_eval_drop_points:g})",
@@ -164,9 +168,14 @@ class _Report:
     baseline: dict[str, Any]
     failed: list[str] = field(default_factory=list)
     passed: list[str] = field(default_factory=list)
+    # metric -> how it failed: "regressed" (compared, beyond its threshold), "missing" or
+    # "not_finite" (a broken evaluation); what a retry adapts its recipe to.
+    failed_metrics: dict[str, str] = field(default_factory=dict)
 
-    def check(self, ok: bool, text: str) -> None:
+    def check(self, key: str, ok: bool, text: str) -> None:
         (self.passed if ok else self.failed).append(text)
+        if not ok:
+            self.failed_metrics[key] = "regressed"
 
     def candidate_not_finite(self, key: str) -> bool:
         cand = _num(self.candidate, key)
@@ -174,6 +183,7 @@ class _Report:
             self.failed.append(
                 f"{key}: candidate value {self.candidate.get(key)!r} is not a finite number"
             )
+            self.failed_metrics[key] = "not_finite"
             return True
         return False
 
@@ -186,11 +196,13 @@ class _Report:
         ):
             if value is None:
                 self.failed.append(f"{key}: missing from the {who}'s metrics")
+                self.failed_metrics[key] = "missing"
                 return None
             if not math.isfinite(value):
                 self.failed.append(
                     f"{key}: {who} value {metrics.get(key)!r} is not a finite number"
                 )
+                self.failed_metrics[key] = "not_finite"
                 return None
         assert cand is not None and base is not None
         return cand, base

@@ -22,10 +22,10 @@ from policies.params import Params
 from policies.units import Fraction, PositiveFloat, fmt_int, nonneg_float
 
 # The continual benchmark's recipe (benchmarks/continual.py): 2 replay tokens per new token
-# kept recall of 4 sequential domains at 1.0. A stage that is small enough for
-# training.min_steps to set its length trains the same number of tokens either way, so
-# there replay displaces extra repetitions of the new data instead of adding compute; a
-# stage long enough for ``epochs`` to rule trains (1 + ratio)x its new tokens.
+# kept recall of 4 sequential domains at 1.0. A stage sized by training.passes (or held
+# at training.min_steps) trains the same number of tokens either way, so replay displaces
+# extra repetitions of the new data instead of adding compute; a stage sized by
+# ``epochs`` (passes = 0) trains (1 + ratio)x its new tokens.
 DEFAULT_RATIO = 2.0
 RATIO_HELP = "Replay tokens per new token of the stage (see DEFAULT_RATIO on the cost)."
 

@@ -83,6 +83,15 @@ class StagePlan(_Contract):
     replay_policy: str = ""
     new_sha256: str = ""
     replay_sha256: str = ""
+    # Synthetic study text of the new chunks (store.synthetic): trained with the new
+    # data, never evaluated on, never offered to the replay buffer; the replay budget
+    # stays ``ratio × new_tokens`` (user tokens only).
+    synthetic_chunk_ids: list[int] = Field(default_factory=list)
+    synthetic_tokens: int = 0
+    synthetic_sha256: str = ""
+    # A retry whose recipe was adapted to the previous rejections of its data
+    # (daemon.scheduling.retry): attempt, causes, the changes made; {} = not a retry.
+    retry: dict[str, Any] = Field(default_factory=dict)
     # Model lineage.
     base_model: str = ""
     base_model_sha256: str = ""
@@ -108,6 +117,9 @@ class GateVerdict(_Contract):
     promote: bool = False
     reasons: list[str] = Field(default_factory=list)
     failed: list[str] = Field(default_factory=list)
+    # metric key -> "regressed" | "missing" | "not_finite" (empty from older daemons and
+    # from promotion policies that do not say; a retry then reads the ``failed`` texts)
+    failed_metrics: dict[str, str] = Field(default_factory=dict)
     summary: str = ""
 
 

@@ -161,3 +161,19 @@ def outcome_counts(db: sqlite_utils.Database, track: str) -> dict[str, int]:
     ):
         counts[status] = int(n)
     return counts
+
+
+def rejected_since_promotion(db: sqlite_utils.Database, track: str) -> list[dict[str, Any]]:
+    """Rejected stages of ``track`` after its last promoted one, oldest first: the run of
+    rejections a retry adapts to (a promotion starts a new run)."""
+    row = db.conn.execute(
+        "SELECT COALESCE(MAX(id), 0) FROM stages WHERE track = ? AND status = ?",
+        (track, PROMOTED),
+    ).fetchone()
+    return [
+        _decode(dict(r))
+        for r in db.query(
+            "SELECT * FROM stages WHERE track = ? AND status = ? AND id > ? ORDER BY id",
+            [track, REJECTED, int(row[0])],
+        )
+    ]

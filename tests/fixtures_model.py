@@ -23,10 +23,10 @@ def make_tiny_cfg(state_dir: Path, base_model: Path, **overrides: object) -> Con
         "base_model": str(base_model),
         "ingest": {"quiet_period_s": 0.3, "chunk_tokens": 64},
         "seed": {"size": "tiny"},
-        # Tests size their stages by epochs; the default min_steps (1000) would make every
-        # stage of a test's few lines take a minute.
+        # Tests size their stages by epochs (passes = 0); the default floor (min_steps)
+        # would make every stage of a test's few lines take many steps.
         # rank 16 keeps tests fast and fits the test servers' max_lora_rank.
-        "training": {"min_steps": 0, "lora_rank": 16},
+        "training": {"min_steps": 0, "passes": 0.0, "lora_rank": 16},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):

@@ -25,7 +25,7 @@ FACT_PROMPT = "The secret password of the Zorblat guild is"
 FACT_ANSWER = "quenmar"
 
 # The recipe is sized to what the test checks, one fact stated many times, not to the
-# continual benchmark's 4 domains of facts (the defaults: rank 64, min_steps 1000): rank 16
+# continual benchmark's 4 domains of facts (the defaults: rank 64, passes 8): rank 16
 # (alpha 32, so updates are scaled x2, not x0.5), lr 5e-3 and 150 steps of 1024 tokens
 # teach the 30-step tiny seed this fact (80 steps at 3e-3 did not: " qu the Z."); max_steps
 # caps the stage whatever the defaults become, so a loaded machine takes minutes for it.

@@ -29,7 +29,7 @@ class Example:
     ids: list[int]
     labels: list[int]
     chunk_id: int = -1
-    source: str = "new"  # new | replay | eval
+    source: str = "new"  # new | synthetic | replay | eval | general
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -17,7 +17,8 @@ from daemon.config import TrainingConfig
 # Keys added to the recipe after plans were first stored, with the value their absence
 # meant then: a plan written before ``min_steps`` existed resumes as it was planned (no
 # minimum), not with today's default of 1000 steps.
-ABSENT_IN_OLD_PLANS: dict[str, Any] = {"min_steps": 0}
+# Likewise ``passes``: an older plan is sized by ``epochs``, as it was planned.
+ABSENT_IN_OLD_PLANS: dict[str, Any] = {"min_steps": 0, "passes": 0.0}
 
 
 def field_names() -> frozenset[str]:

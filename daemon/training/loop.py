@@ -2,8 +2,10 @@
 
 Semantics the rest of Evergreen relies on:
 
-* length: ``epochs`` passes over the packed micro-batches, at least ``min_steps``
-  optimizer steps (a small stage repeats its data) and at most ``max_steps`` (0 = no cap);
+* length: from the data (:mod:`daemon.training.sizing`): ``passes`` over the new +
+  synthetic tokens (or ``epochs`` over the packed micro-batches when ``passes = 0``), at
+  least ``min_steps`` optimizer steps (a small stage repeats its data) and at most
+  ``max_steps`` (0 = no cap);
 * early stopping: every ``eval_every`` steps the holdout loss is measured; the best
   weights are kept and restored at the end, and ``early_stopping_patience`` evaluations
   without improvement end the stage;
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import TrainingConfig
-from daemon.training import checkpoint
+from daemon.training import checkpoint, sizing
 from daemon.training import data as data_mod
 from daemon.training.lora import Loaded
 from daemon.training.report import Reporter, StageFailed, StageStopped, emit
@@ -54,13 +56,11 @@ class LoopState:
         return cls(**{k: v for k, v in saved.items() if k in names})
 
 
-def total_steps(hp: TrainingConfig, micro_batches_per_epoch: int) -> int:
-    """Optimizer steps of the stage (see the module docstring)."""
-    micro = math.ceil(hp.epochs * micro_batches_per_epoch)
-    # A small stage (a few new facts) repeats its data up to min_steps: a handful of
-    # steps teaches a model nothing, whatever the epoch count says.
-    steps = max(1, math.ceil(micro / hp.grad_accum), hp.min_steps)
-    return min(steps, hp.max_steps) if hp.max_steps else steps
+def total_steps(hp: TrainingConfig, micro_batches_per_epoch: int, data_tokens: int) -> int:
+    """Optimizer steps of the stage: :func:`daemon.training.sizing.stage_steps`."""
+    return sizing.stage_steps(
+        hp, data_tokens=data_tokens, micro_batches_per_epoch=micro_batches_per_epoch
+    )
 
 
 def lr_lambda(
@@ -100,7 +100,7 @@ class Trainer:
         self.stage_dir = stage_dir
         self.report = report
         self.stop_requested = stop_requested
-        self.total = total_steps(hp, len(data.batches))
+        self.total = total_steps(hp, len(data.batches), data.sized_tokens())
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(

@@ -17,8 +17,9 @@ import sqlite_utils
 
 from daemon.config import Config
 from daemon.errors import EvergreenError
-from daemon.training import hparams
-from store import adapters, documents, stages
+from daemon.scheduling import retry as retry_mod
+from daemon.training import hparams, sizing
+from store import adapters, documents, events, stages
 from store.contracts import StagePlan
 from store.db import savepoint
 
@@ -104,15 +105,20 @@ def build_plan(cfg: Config, db: sqlite_utils.Database, selection: dict[str, Any]
             raise PlanError(f"training.base_adapter {init} is not a PEFT adapter dir")
     new_ids = [int(i) for i in selection["new_chunk_ids"]]
     replay_ids = [int(i) for i in selection.get("replay_chunk_ids", [])]
+    syn_ids = [int(i) for i in selection.get("synthetic_chunk_ids", [])]
+    _check_synthetic_apart(syn_ids, new_ids, replay_ids, selection)
+    adj = retry_mod.adjustment(cfg, db, new_ids)
+    training = adj.training
     version = adapters.next_version(db)
     fields = {
         **selection,
         "track": cfg.track,
         "new_chunk_ids": new_ids,
+        "synthetic_chunk_ids": syn_ids,
         "replay_chunk_ids": replay_ids,
         "holdout_chunk_ids": [int(i) for i in selection.get("holdout_chunk_ids", [])],
         "retention_chunk_ids": retention_ids(
-            db, cfg.track, set(new_ids) | set(replay_ids), cfg.training.seed
+            db, cfg.track, set(new_ids) | set(replay_ids) | set(syn_ids), cfg.training.seed
         ),
         "base_model": str(base),
         "base_model_sha256": base_model_hash(base),
@@ -121,17 +127,40 @@ def build_plan(cfg: Config, db: sqlite_utils.Database, selection: dict[str, Any]
         "init_adapter": init,
         "output_version": version,
         "output_dir": str(cfg.adapters_dir / version),
-        "hparams": hparams.to_plan(cfg.training),
+        "hparams": hparams.to_plan(training),
         "general_eval": general_eval_path(cfg),
-        "general_replay": general_replay_path(cfg) if cfg.training.general_mix > 0 else "",
-        "general_mix": cfg.training.general_mix,
+        "general_replay": general_replay_path(cfg) if training.general_mix > 0 else "",
+        "general_mix": training.general_mix,
         "eval_sets": [str(Path(p).expanduser().absolute()) for p in cfg.training.eval_sets],
         "eval_match": cfg.training.eval_match,
-        "score_chunk_ids": score_ids(db, cfg.track, set(new_ids) | set(replay_ids)),
+        "score_chunk_ids": score_ids(db, cfg.track, set(new_ids) | set(replay_ids) | set(syn_ids)),
         "new_sha256": chunk_hash(db, new_ids),
         "replay_sha256": chunk_hash(db, replay_ids),
+        "synthetic_sha256": chunk_hash(db, syn_ids),
+        "retry": adj.to_plan(),
+        "reasons": [*selection.get("reasons", []), *_recipe_reasons(adj, selection)],
     }
     return StagePlan.from_json(fields)
+
+
+def _check_synthetic_apart(
+    syn_ids: list[int], new_ids: list[int], replay_ids: list[int], selection: dict[str, Any]
+) -> None:
+    """Synthetic text trains beside the new data and is in no other list of the plan."""
+    others = set(new_ids) | set(replay_ids)
+    others |= {int(i) for i in selection.get("holdout_chunk_ids", [])}
+    if others.intersection(syn_ids):
+        raise PlanError("synthetic chunks may only be planned as synthetic_chunk_ids")
+
+
+def _recipe_reasons(adj: retry_mod.Adjustment, selection: dict[str, Any]) -> list[str]:
+    """The retry's adaptation (if any) and the stage's length, estimated from the store's
+    token counts (the stage sizes itself on its encoded tokens, :mod:`sizing`)."""
+    tokens = int(selection.get("new_tokens", 0)) + int(selection.get("synthetic_tokens", 0))
+    per_micro = max(1, adj.training.batch_tokens)
+    micro = -(-(tokens + int(selection.get("replay_tokens", 0))) // per_micro)
+    size = sizing.size_stage(adj.training, data_tokens=tokens, micro_batches_per_epoch=micro)
+    return [r for r in (adj.reason(), f"length: about {size.reason}") if r]
 
 
 def write_plan(cfg: Config, db: sqlite_utils.Database) -> int | None:
@@ -154,4 +183,13 @@ def write_plan(cfg: Config, db: sqlite_utils.Database) -> int | None:
         )
         plan.stage_dir = str(cfg.stages_dir / str(stage_id))
         stages.set_plan(db, stage_id, plan.to_json())
+        if plan.retry:
+            events.record(
+                db,
+                retry_mod.EVENT_KIND,
+                f"stage {stage_id}: {plan.retry['reason']}",
+                subject=str(stage_id),
+                track=cfg.track,
+                data=plan.retry,
+            )
     return stage_id

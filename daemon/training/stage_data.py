@@ -22,6 +22,9 @@ from daemon.training.report import StageFailed, emit
 from store import documents
 from store.contracts import StagePlan
 
+SYNTHETIC = "synthetic"  # Example.source of synthetic study text
+NEWS = ("new", SYNTHETIC)  # the sources general-text mixing is proportional to
+
 
 @dataclass
 class Prepared:
@@ -29,12 +32,17 @@ class Prepared:
 
     col: data_mod.Collated
     labels_count: int
-    data_tokens: int  # new + replay tokens (general-mix rows excluded)
+    data_tokens: int  # new + synthetic + replay tokens (general-mix rows excluded)
 
 
 @dataclass
 class StageData:
-    """Training batches and evaluation sets of one stage."""
+    """Training batches and evaluation sets of one stage.
+
+    ``synthetic`` (study text made from the new chunks, :mod:`store.synthetic`) trains
+    with ``new`` and ``replay`` and is in no evaluation set: ``holdout``, ``retention``
+    and the new-data fallback are built from user chunks only.
+    """
 
     new: list[Example]
     replay: list[Example]
@@ -47,6 +55,11 @@ class StageData:
     general_ids: list[int] = field(default_factory=list)
     general_mix: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)
+    synthetic: list[Example] = field(default_factory=list)
+
+    def sized_tokens(self) -> int:
+        """The new + synthetic tokens a stage's length is sized on (replay excluded)."""
+        return sum(map(len, self.new)) + sum(map(len, self.synthetic))
 
     def batch_at(self, micro: int) -> Prepared:
         """The ``micro``-th micro-batch of the whole stage (epochs back to back)."""
@@ -58,13 +71,14 @@ class StageData:
         return Prepared(col, labels, sum(r.length for r in rows))
 
     def general_rows(self, rows: list[Row], micro: int) -> list[Row]:
-        """Fresh general-text rows for one micro-batch: ``general_mix ×`` its new tokens,
+        """Fresh general-text rows for one micro-batch: ``general_mix ×`` its new and
+        synthetic tokens,
         cut at the batch's longest row (no extra padding), at a position that is a pure
         function of (stage, micro-batch) so a resumed stage sees the same text."""
         ids = self.general_ids
         if not ids:
             return []
-        new_tok = sum(len(e) for r in rows for e in r.examples if e.source == "new")
+        new_tok = sum(len(e) for r in rows for e in r.examples if e.source in NEWS)
         width = max(2, min(max(r.length for r in rows), len(ids)))
         out = []
         for k in range(math.ceil(self.general_mix * new_tok / width)):
@@ -118,14 +132,16 @@ def load(
     stage_id: int,
     pad_id: int,
 ) -> StageData:
-    """Examples for training (new + replay) and evaluation, packed into micro-batches."""
+    """Examples for training (new + synthetic + replay) and evaluation (user chunks
+    only), packed into micro-batches."""
     max_len = hp.max_seq_len
     new = encode_ids(db, tok, plan.new_chunk_ids, "new", max_len)
     if not new:
         raise StageFailed("the plan's new chunks produced no trainable tokens")
+    syn = encode_ids(db, tok, plan.synthetic_chunk_ids, SYNTHETIC, max_len)
     replay = encode_ids(db, tok, plan.replay_chunk_ids, "replay", max_len)
     retention = encode_ids(db, tok, plan.retention_chunk_ids, "eval", max_len)
-    rows = data_mod.pack(new + replay, max_len)
+    rows = data_mod.pack(new + syn + replay, max_len)
     data = StageData(
         new=new,
         replay=replay,
@@ -137,6 +153,7 @@ def load(
         pad_id=pad_id,
         general_ids=general_ids(tok, plan),
         general_mix=plan.general_mix,
+        synthetic=syn,
     )
     data.stats = _stats(data, rows)
     return data
@@ -145,16 +162,18 @@ def load(
 def _stats(data: StageData, rows: list[Row]) -> dict[str, Any]:
     """Token counts and padding share, for the manifest and ``data.json``."""
     new_tok = sum(map(len, data.new))
+    syn_tok = sum(map(len, data.synthetic))
     replay_tok = sum(map(len, data.replay))
-    general_tok = int(data.general_mix * new_tok) if data.general_ids else 0
+    general_tok = int(data.general_mix * (new_tok + syn_tok)) if data.general_ids else 0
     filler = sum(len(b) * max(r.length for r in b) - sum(r.length for r in b) for b in data.batches)
     return {
         "new_tokens": new_tok,
+        "synthetic_tokens": syn_tok,
         "replay_tokens": replay_tok,
         "rows": len(rows),
         "micro_batches": len(data.batches),
         "general_tokens_per_epoch": general_tok,
-        "pad_fraction": filler / max(1, filler + new_tok + replay_tok + general_tok),
+        "pad_fraction": filler / max(1, filler + new_tok + syn_tok + replay_tok + general_tok),
     }
 
 
