@@ -428,6 +428,7 @@ def speed_evergreen(base: Path, work: Path, docs: list[str], tok: Any, training:
             **training,
             "epochs": 1.0,
             "min_steps": 0,  # one pass over the documents, as the baseline does
+            "passes": 0,
             "eval_every": 0,
             "early_stopping_patience": 1000,
             "checkpoint_every": 100_000,  # only at the end (and on a stop)

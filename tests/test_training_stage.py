@@ -385,9 +385,9 @@ def test_stage_log_shows_progress_a_human_can_follow(tmp_path: Path, tiny_seed_m
     )
     db = open_db(cfg.db_path)
     add_doc(db, FACTS_A[:6], holdout=FACTS_A[6:])
-    res = runner.run_stage(cfg, db)
-    assert res["status"] in ("promoted", "rejected"), res
-    log = (cfg.stages_dir / str(res["stage_id"]) / "stage.log").read_text()
+    res = runner.run_stage(cfg, db, promote=_promote(cfg))
+    assert res.status in ("promoted", "rejected"), res
+    log = (cfg.stages_dir / str(res.stage_id) / "stage.log").read_text()
     steps = [int(s) for s in re.findall(r"stage \d+: step (\d+)/12 loss \d+\.\d+ lr ", log)]
     # the first and last step, every evaluation step, and whatever 5 s apart in between
     assert {1, 3, 6, 9, 12} <= set(steps) and steps == sorted(set(steps)), log
