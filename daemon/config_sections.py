@@ -94,12 +94,13 @@ class TrainingConfig(Section):
         "stage's length only when `passes` = 0.",
     )
     passes: float = num(
-        8.0,
+        0.0,
         0,
         10_000,
         "A stage's length from its data: steps = passes x (new + synthetic tokens) / "
         "(batch_tokens x grad_accum), then `min_steps`..`max_steps`. Replay shares these "
-        "steps (it displaces repetitions of the new data). 0 = size by `epochs`.",
+        "steps (it displaces repetitions of the new data). 0 = size by `epochs` (the "
+        "default until a passes-based recipe is measured to learn as well).",
     )
     batch_tokens: int = num(512, 64, 10_000_000, "Tokens per micro-batch (packed, never padded).")
     grad_accum: int = num(1, 1, 1024, "Micro-batches per optimizer step.")
@@ -114,12 +115,11 @@ class TrainingConfig(Section):
     checkpoint_every: int = num(20, 1, MAX_STEPS, "Steps between resumable checkpoints.")
     max_steps: int = num(0, 0, MAX_STEPS, "Hard cap on optimizer steps per stage (0 = no cap).")
     min_steps: int = num(
-        100,
+        1000,
         0,
         MAX_STEPS,
-        "Optimizer steps a stage takes at least, repeating its data beyond `passes` when "
-        "it is small (a few facts need some steps to stick; 1000 with passes = 0 is the "
-        "old fixed recipe).",
+        "Optimizer steps a stage takes at least, repeating its data when it is small (a few"
+        " facts need hundreds of steps to stick: the continual benchmark's measured recipe).",
     )
     seed: int = num(0, 0, 2**32 - 1, "Random seed for data order and LoRA init.")
     base_adapter: str = opt("", "Start the first stage from this existing PEFT adapter dir.")

@@ -47,11 +47,12 @@ def test_exact_step_counts(
     assert loop.total_steps(hp, micro, data_tokens) == expected  # the stage's own count
 
 
-def test_default_recipe_follows_the_data_and_the_old_one_is_one_config_away() -> None:
+def test_default_recipe_is_the_measured_one_and_data_sizing_is_one_config_away() -> None:
     # 28.8k new tokens, no replay yet (57 micro-batches of 512): the example
-    assert steps(28_800, 57).steps == 450  # 8 passes, was 1000 (min_steps)
+    assert steps(28_800, 57).steps == 1000  # the default: epochs with the min_steps floor
     assert steps(28_800, 57, **OLD_RECIPE).steps == 1000
-    assert steps(1_000, 2).steps == TrainingConfig().min_steps == 100
+    assert steps(28_800, 57, passes=8.0, min_steps=100).steps == 450  # sized by its data
+    assert steps(1_000, 2).steps == TrainingConfig().min_steps == 1000
     assert steps(512_000, 1000).steps == 8000
 
 
