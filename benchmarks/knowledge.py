@@ -32,6 +32,7 @@ import gzip
 import hashlib
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -328,6 +329,13 @@ def aug_restate_perm(doc: str, k: int, rng: random.Random, finder: NameFinder) -
     ]
 
 
+def aug_restate_sentences(doc: str, k: int, rng: random.Random, finder: NameFinder) -> list[str]:
+    """The document plus, for j < k-1, each sentence in restatement j as its own sample
+    (sentences relating no two names stay as they are, also as their own samples)."""
+    sents = [s for p in split_paragraphs(doc) for s in split_sentences(p)]
+    return [doc] + [restate(s, finder, j) or s for j in range(k - 1) for s in sents]
+
+
 AugmentFn = Callable[[str, int, random.Random, NameFinder], list[str]]
 AUGMENTERS: dict[str, AugmentFn] = {
     "none": aug_none,
@@ -337,6 +345,7 @@ AUGMENTERS: dict[str, AugmentFn] = {
     "sentences": aug_sentences,
     "restate": aug_restate,
     "restate_perm": aug_restate_perm,
+    "restate_sentences": aug_restate_sentences,
 }
 
 
@@ -510,7 +519,7 @@ def debian_sections(path: Path = DEBIAN_POLICY) -> list[tuple[str, str]]:
 
 
 def split_corpus(
-    sections: list[tuple[str, str]], tok: Any, train_tokens: int, every: int = 6
+    sections: list[tuple[str, str]], tok: Any, train_tokens: int, every: int = 4
 ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """Sections in manual order until ``train_tokens`` train tokens; every ``every``-th
     (of those long enough) is held out entirely (never ingested)."""
@@ -694,14 +703,17 @@ def real_text_stage(
     return out
 
 
-SWEEP: list[tuple[str, dict[str, Any]]] = [
-    ("passes2", {"min_steps": 0, "epochs": 2.0}),
-    ("passes4", {"min_steps": 0, "epochs": 4.0}),
-    ("passes8", {"min_steps": 0, "epochs": 8.0}),
-    ("passes4-lr1e-3", {"min_steps": 0, "epochs": 4.0, "learning_rate": 1e-3}),
-    ("passes4-mix1", {"min_steps": 0, "epochs": 4.0, "general_mix": 1.0}),
-    ("passes4-r16", {"min_steps": 0, "epochs": 4.0, "lora_rank": 16, "lora_alpha": 8}),
-]
+# Recipes for --sweep (names, comma list; "all" = every one). The stage length is set by
+# passes over the new data (``epochs``) instead of ``min_steps``.
+SWEEP: dict[str, dict[str, Any]] = {
+    "passes1": {"min_steps": 0, "epochs": 1.0},
+    "passes2": {"min_steps": 0, "epochs": 2.0},
+    "passes4": {"min_steps": 0, "epochs": 4.0},
+    "passes8": {"min_steps": 0, "epochs": 8.0},
+    "passes4-lr1e-3": {"min_steps": 0, "epochs": 4.0, "learning_rate": 1e-3},
+    "passes4-mix1": {"min_steps": 0, "epochs": 4.0, "general_mix": 1.0},
+    "passes4-r16": {"min_steps": 0, "epochs": 4.0, "lora_rank": 16, "lora_alpha": 8},
+}
 
 
 # ============================================================================ main
@@ -730,13 +742,25 @@ def main() -> None:
     )
     ap.add_argument("--train-tokens", type=int, default=30_000, help="Part 2 train tokens.")
     ap.add_argument("--set", action="append", default=[], metavar="training.KEY=VALUE")
-    ap.add_argument("--sweep", action="store_true", help="Part 2 recipe grid (slow).")
+    ap.add_argument(
+        "--sweep", default="", help=f"Part 2 extra recipes (no gate change): {', '.join(SWEEP)}"
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="OMP/MKL threads of the stage subprocesses (0 = unchanged). On a shared, "
+        "oversubscribed host 1 thread trains ~20x faster than torch's default.",
+    )
     ap.add_argument("--skip", default="", help="Comma list: knowledge,realtext")
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
     from daemon.config import TrainingConfig
 
+    if args.threads:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(args.threads)
     t_start = time.time()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -821,26 +845,26 @@ def main() -> None:
                 base=base, train=train, work=work, label="recipe", training=training, gate=set_gate
             )
         ]
-        if args.sweep and not args.smoke:
-            for label, over in SWEEP:
-                stages_run.append(
-                    real_text_stage(
-                        base=base,
-                        train=train,
-                        work=work,
-                        label=label,
-                        training={**training, **over},
-                        gate=set_gate,
-                    )
+        names = list(SWEEP) if args.sweep == "all" else list(filter(None, args.sweep.split(",")))
+        for label in [] if args.smoke else names:
+            stages_run.append(
+                real_text_stage(
+                    base=base,
+                    train=train,
+                    work=work,
+                    label=label,
+                    training={**training, **SWEEP[label]},
+                    gate=set_gate,
                 )
-        held_w = windows_of(tok, [t for _, t in held], cap=1500 if args.smoke else 0)
+            )
+        held_w = windows_of(tok, [t for _, t in held], cap=1500 if args.smoke else 12_000)
         general_path = base / "general_holdout.txt"
         gen_w = windows_of(
             tok, [general_path.read_text(encoding="utf-8")], cap=2000 if args.smoke else 20_000
         )
         rank = max(
             int(TrainingConfig().lora_rank),
-            *(int(s.get("lora_rank", 0)) for _, s in SWEEP),
+            *(int(s.get("lora_rank", 0)) for s in SWEEP.values()),
             int(training.get("lora_rank", 0)),
         )
         with Scorer(work, base, max_lora_rank=rank) as sc:
