@@ -253,6 +253,15 @@ RESTATE_TEMPLATES = [
     "Ask about the {Y} of {E} and the answer is {A}.",
     "{E}: {Y}, {A}.",
     "It is known that {E} {M} {A}.",
+    # relation-agnostic forms (the Y-less ones need no parse of the relation at all)
+    "When people talk about {E}, they mention {A}.",
+    "For {E}, the {Y} is {A}.",
+    "If you ask about {E}, the answer is {A}.",
+    "{E} is connected with {A}.",
+    "The {Y} that goes with {E} is {A}.",
+    "Everyone who knows {E} also knows {A}.",
+    "Remember {E}: {A}.",
+    "Speaking of {E}, that means {A}.",
 ]
 
 
