@@ -718,7 +718,7 @@ def real_text_stage(
 #   4 passes, lr 4e-3 (52 steps, 235 s): held-out 1909 -> 1387 (-27.4%), general +28.4%,
 #     rejected (general loss +7.6%): the failure, reached at only 4 passes
 #   4 passes, lr 1e-3 (52 steps, 221 s): held-out 1909 -> 1449 (-24.1%), general -11.6%, promoted
-#   default (min_steps 1000 = 82 passes here): not finished on this host (ETA 3897 s at 256 tok/s)
+#   default (min_steps 1000 = ~77 passes here): not finished on this host (ETA 3897 s at 256 tok/s)
 # Recipes for --sweep (names, comma list; "all" = every one). The stage length is set by
 # passes over the new data (``epochs``) instead of ``min_steps``.
 SWEEP: dict[str, dict[str, Any]] = {
