@@ -17,6 +17,7 @@ run: install
 test: install
 	bash scripts/ensure-systemd-analyze.sh
 	bash scripts/ensure-prometheus.sh
+	bash scripts/ensure-debian-policy.sh
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy daemon policies store
 	$(VENV)/bin/lint-imports
@@ -30,6 +31,7 @@ lint: install
 
 # Every benchmark, full size (slow: tens of minutes on 2 cores).
 bench: install
+	bash scripts/ensure-debian-policy.sh
 	@set -e; for b in benchmarks/[!_]*.py; do echo "== $$b"; $(PY) $$b; done
 
 # Every benchmark with --smoke: tiny sizes, the real path, and a check that the JSON line

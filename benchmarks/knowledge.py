@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from daemon import config as config_mod  # noqa: E402
+from daemon.serving import promotion  # noqa: E402
 from daemon.training import runner  # noqa: E402
 from daemon.training.seed import ensure_seed_model  # noqa: E402
 from store import documents  # noqa: E402
@@ -115,6 +116,15 @@ GENERAL_FLUFF = [
     "In autumn the markets were full of apples.",
     "The old bridge was repaired twice that decade.",
 ]
+
+
+def _store_only(cfg: Any) -> Any:
+    """Promotion without swapping (the benchmark starts its own vLLM): the pointer only."""
+
+    def promote(version: str, reason: str) -> promotion.Promotion:
+        return promotion.promote(cfg, version, reason, swap=False)
+
+    return promote
 
 
 def make_facts(n: int, data_seed: int) -> list[dict[str, str]]:
@@ -476,10 +486,10 @@ def run_knowledge(
     t0 = time.time()
     with open_db(cfg.db_path) as db:
         add_texts(db, tok, texts, [], f"/inbox/{label}.txt")
-        res = runner.run_stage(cfg, db)
-    if res["status"] not in ("promoted", "rejected"):
-        raise RuntimeError(f"knowledge {label}: {res['status']}: {res.get('reason')}")
-    m = res["metrics"]
+        res = runner.run_stage(cfg, db, promote=_store_only(cfg))
+    if res.status not in ("promoted", "rejected"):
+        raise RuntimeError(f"knowledge {label}: {res.status}: {res.reason}")
+    m = res.metrics
     out = {
         "method": method,
         "k": k,
@@ -680,17 +690,17 @@ def real_text_stage(
     summary = ingest_paths(cfg, [inbox])
     t0 = time.time()
     with open_db(cfg.db_path) as db:
-        res = runner.run_stage(cfg, db)
+        res = runner.run_stage(cfg, db, promote=_store_only(cfg))
     stage_s = time.time() - t0
-    if res["status"] not in ("promoted", "rejected"):
-        raise RuntimeError(f"real-text stage {label}: {res['status']}: {res.get('reason')}")
-    m = res["metrics"]
+    if res.status not in ("promoted", "rejected"):
+        raise RuntimeError(f"real-text stage {label}: {res.status}: {res.reason}")
+    m = res.metrics
     cand, basem, tr = m["candidate"], m["baseline"], m["training"]
     out = {
         "label": label,
-        "status": res["status"],
+        "status": res.status,
         "gate": res.get("reason"),
-        "adapter": str(cfg.adapters_dir / str(res["version"])),
+        "adapter": str(cfg.adapters_dir / str(res.version)),
         "stage_s": round(stage_s, 1),
         "steps": tr["steps"],
         "total_steps": tr.get("total_steps"),
