@@ -66,7 +66,7 @@ def promote(
         return _swap_and_move(cfg, swapper, version, reason)  # the swap validates the dir
     endpoints = cli_endpoints(cfg) if swap else []
     if endpoints:
-        own = Swapper(cfg, endpoints)
+        own = Swapper(cfg, endpoints, owns_endpoints=True)
         try:
             return _swap_and_move(cfg, own, version, reason)
         finally:

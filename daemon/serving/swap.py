@@ -103,11 +103,15 @@ class Swapper:
         endpoints: Sequence[VLLMClient],
         *,
         on_swap: Callable[[SwapResult], None] | None = None,
+        owns_endpoints: bool = False,
     ) -> None:
+        """``owns_endpoints``: :meth:`close` closes the clients too (only for clients made
+        for this swapper; the managed server's client outlives any one swapper)."""
         if not endpoints:
             raise ValueError("Swapper needs at least one endpoint")
         self.cfg = cfg
         self.endpoints = list(endpoints)
+        self.owns_endpoints = owns_endpoints
         self.stable = cfg.serving.model_name
         self.on_swap: list[Callable[[SwapResult], None]] = [on_swap] if on_swap else []
         self.states = {ep.name: EndpointState(ep.name, ep.base_url) for ep in self.endpoints}
@@ -124,7 +128,7 @@ class Swapper:
         ]
         if not eps:
             raise SwapError("serving.mode = 'external' needs at least one serving.endpoints URL")
-        return cls(cfg, eps, **kwargs)
+        return cls(cfg, eps, owns_endpoints=True, **kwargs)
 
     # -- views for metrics / status -----------------------------------------------------------
     def endpoint_states(self) -> list[tuple[str, bool]]:
@@ -321,5 +325,7 @@ class Swapper:
         return reconcile_mod.reconcile(self)
 
     def close(self) -> None:
+        if not self.owns_endpoints:
+            return
         for ep in self.endpoints:
             ep.close()
