@@ -43,6 +43,7 @@ from daemon.ingest import ensure_dirs
 from daemon.ingest.watcher import InboxWatcher
 from daemon.metrics import Metrics, endpoint_label, serve_http
 from daemon.notify import Notifier
+from daemon.private_files import private_umask, write_private
 from daemon.scheduling.schedule import start_scheduler
 from daemon.serving import promotion
 from daemon.serving.promotion import Promotion
@@ -134,9 +135,7 @@ class Service:
     def _write_effective_config(self) -> Path:
         """Subprocesses (seed build, stages) get exactly our config, flags included."""
         path = self.cfg.state_path / "effective-config.toml"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(config_mod.to_toml(self.cfg), encoding="utf-8")
-        tmp.replace(path)
+        write_private(path, config_mod.to_toml(self.cfg))  # it holds the API key
         return path
 
     def _ensure_base_model(self, cfg_file: Path) -> None:
@@ -163,7 +162,11 @@ class Service:
         if mode == "none":
             return
         if mode == "managed":
-            self.managed = ManagedVLLM(self.cfg)
+            self.managed = ManagedVLLM(
+                self.cfg,
+                on_restart=self._reconcile_after_restart,
+                on_engine_recovered=self.metrics.on_engine_restart,
+            )
             log.info("starting managed vLLM on %s:%s", self.cfg.serving.host, self.cfg.serving.port)
             self.notifier.status("starting vLLM")
             self.managed.start()
@@ -176,6 +179,11 @@ class Service:
         else:
             self.swapper = Swapper.from_config(self.cfg, on_swap=self.on_swap)
         self.swapper.reconcile()
+
+    def _reconcile_after_restart(self) -> None:
+        """A restarted vLLM lost its adapters: serve the current version again at once."""
+        if self.swapper is not None:
+            self.swapper.reconcile()
 
     def _endpoint_states(self) -> list[dict[str, Any]]:
         if self.swapper is None:
@@ -314,6 +322,7 @@ class Service:
 def run_service(cfg: Config, *, training: bool = True) -> int:
     """Entry point of ``evergreen run`` / ``serve``; returns the exit code."""
     logs.setup(cfg.log_level, cfg.log_format)
+    private_umask()  # state files (keys, config, store, adapters) are 0600, dirs 0700
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
