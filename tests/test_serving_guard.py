@@ -13,7 +13,9 @@ Own servers and state dirs (not the session's), because these tests restart and 
 from __future__ import annotations
 
 import os
+import random
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -34,7 +36,7 @@ from daemon.serving.vllm_guard import GATE_ENV
 from store import events
 from store.db import open_db
 from tests.fixtures_model import make_tiny_cfg
-from tests.fixtures_vllm import STARTUP_TIMEOUT_S, free_port, make_lora
+from tests.fixtures_vllm import STARTUP_TIMEOUT_S, make_lora
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -66,12 +68,25 @@ class UngatedVLLM(ManagedVLLM):
         return {**super().environment(), GATE_ENV: "0"}
 
 
-def _serve(tmp: Path, seed: Path, cls: type[ManagedVLLM], skip: tuple[int, ...]) -> Served:
+def _port() -> int:
+    """A free port away from the shared fixtures' 18100-18199 (other sessions may start
+    servers there at the same time)."""
+    for port in random.sample(range(18300, 18900), 50):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 18300-18899")
+
+
+def _serve(tmp: Path, seed: Path, cls: type[ManagedVLLM]) -> Served:
     cfg = make_tiny_cfg(
         tmp,
         seed,
         serving={
-            "port": free_port(skip=skip),
+            "port": _port(),
             "max_lora_rank": 16,
             "max_loras": 4,
             "max_model_len": 512,
@@ -93,7 +108,7 @@ def _serve(tmp: Path, seed: Path, cls: type[ManagedVLLM], skip: tuple[int, ...])
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory, tiny_seed_model: Path) -> Iterator[Served]:
-    served = _serve(tmp_path_factory.mktemp("guarded"), tiny_seed_model, ManagedVLLM, ())
+    served = _serve(tmp_path_factory.mktemp("guarded"), tiny_seed_model, ManagedVLLM)
     try:
         yield served
     finally:
@@ -254,12 +269,7 @@ def ungated(
     tmp_path_factory: pytest.TempPathFactory, tiny_seed_model: Path, guarded: Served
 ) -> Iterator[Served]:
     guarded.server.stop()  # one vLLM at a time on 2 cores
-    served = _serve(
-        tmp_path_factory.mktemp("ungated"),
-        tiny_seed_model,
-        UngatedVLLM,
-        (guarded.cfg.serving.port,),
-    )
+    served = _serve(tmp_path_factory.mktemp("ungated"), tiny_seed_model, UngatedVLLM)
     try:
         yield served
     finally:

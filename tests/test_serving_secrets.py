@@ -129,6 +129,7 @@ def test_admin_paths(path: str, admin: bool) -> None:
         ({"echo": True, "logprobs": 0}, True),
         ({"echo": True, "logprobs": 5}, True),
         ({"prompt_logprobs": 0}, True),
+        ({"sampling_params": {"prompt_logprobs": 1}}, True),
         ({"echo": True, "logprobs": True, "top_logprobs": 2}, True),  # chat
         ({"echo": True}, False),
         ({"logprobs": 3}, False),  # generated tokens only

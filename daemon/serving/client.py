@@ -116,14 +116,17 @@ class VLLMClient:
             raise VLLMError(f"{self.name}: completion for {model} returned no text")
         return str(choices[0]["text"])
 
-    def probe(self, model: str, *, timeout: float) -> bool:
-        """One greedy 1-token completion: True if the engine answered it."""
+    def probe(self, model: str, *, timeout: float) -> bool | None:
+        """One greedy 1-token completion: True if answered, False if the server failed it
+        (HTTP 5xx, connection refused), None if it took longer than ``timeout`` (busy)."""
         body = {"model": model, "prompt": "a", "max_tokens": 1, "temperature": 0.0}
         try:
             resp = self._http.post("/v1/completions", json=body, timeout=timeout)
+        except httpx.TimeoutException:
+            return None
         except httpx.HTTPError:
             return False
-        return resp.status_code == 200
+        return resp.status_code < 500
 
     def load_lora(self, name: str, path: str | Path) -> None:
         body = {"lora_name": name, "lora_path": str(path)}

@@ -4,7 +4,8 @@ vLLM runs its engine in a child process (``EngineCore``). When that process dies
 in a kernel, the OOM killer), the API server may stay up and answer every completion with
 HTTP 500 while ``/health`` still says 200 for a while. :class:`EngineWatch` notices: the
 engine process it saw at start-up is gone, a periodic 1-token completion on the base model
-fails twice in a row, or the API server exited with an engine-death line in its log.
+fails twice in a row (HTTP 5xx or refused; a slow answer is no verdict), or the API server
+exited with an engine-death line in its log.
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ class EngineWatch:
         if now < self.next_probe:
             return ""
         ok = client.probe(model, timeout=PROBE_TIMEOUT_S)
+        if ok is None:  # slow (a busy server), not dead: no verdict
+            self.next_probe = now + PROBE_INTERVAL_S
+            return ""
         self.failures = 0 if ok else self.failures + 1
         # Retry soon after a failure; the normal pace otherwise.
         self.next_probe = now + (PROBE_INTERVAL_S if ok else 1.0)

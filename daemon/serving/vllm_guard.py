@@ -70,7 +70,11 @@ def is_admin_path(path: str) -> bool:
 
 
 def wants_prompt_logprobs(body: dict[str, Any]) -> bool:
-    """Whether vLLM will compute prompt log-probs for this request (completions or chat)."""
+    """Whether vLLM will compute prompt log-probs for this request (completions, chat, or
+    the token-in ``sampling_params`` form)."""
+    params = body.get("sampling_params")
+    if isinstance(params, dict) and params.get("prompt_logprobs") is not None:
+        return True
     if body.get("prompt_logprobs") is not None:
         return True
     if not body.get("echo"):
