@@ -230,11 +230,11 @@ class ManagedVLLM:
         self._unhealthy_since = None
         self._restarting = False
 
-    def log_tail(self, lines: int = 30) -> str:
+    def log_tail(self, lines: int = 30, max_bytes: int = 16384) -> str:
         try:
             with open(self.log_path, "rb") as f:
                 f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 16384))
+                f.seek(max(0, f.tell() - max_bytes))
                 text = f.read().decode(errors="replace")
         except OSError:
             return "(no vLLM log)"
@@ -339,7 +339,7 @@ class ManagedVLLM:
         else:
             reason = (
                 "vLLM exited after its engine died"
-                if died_in_log(self.log_tail(200), START_MARKER)
+                if died_in_log(self.log_tail(20000, max_bytes=1 << 20), START_MARKER)
                 else ""
             )
         if not reason:
