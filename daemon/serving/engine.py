@@ -55,16 +55,19 @@ class EngineWatch:
 
     def __init__(self) -> None:
         self.pids: list[int] = []
+        self.armed = False  # a healthy server is being watched
         self.next_probe = 0.0
         self.failures = 0
 
     def arm(self, api_pid: int) -> None:
         self.pids = engine_pids(api_pid)
+        self.armed = True
         self.next_probe = time.monotonic() + PROBE_INTERVAL_S
         self.failures = 0
 
     def disarm(self) -> None:
         self.pids = []
+        self.armed = False
 
     def dead(self, client: VLLMClient, model: str) -> str:
         """Why the engine is dead ("" while it looks alive); probes at most once a call."""

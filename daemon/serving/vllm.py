@@ -223,7 +223,7 @@ class ManagedVLLM:
         return False
 
     def _mark_up(self) -> None:
-        if not self.up and self.proc is not None:
+        if not self.engine.armed and self.proc is not None:
             self.engine.arm(self.proc.pid)
         self.up = True
         self.last_healthy_at = time.time()
@@ -265,6 +265,7 @@ class ManagedVLLM:
         """Stop supervision and vLLM (and its engine process); idempotent."""
         self._stop.set()
         with self._lock:
+            self.engine.disarm()
             self._kill_group(grace)
             self.up = False
             self._restarting = False
@@ -313,6 +314,7 @@ class ManagedVLLM:
             if self._next_restart_at == 0.0:
                 code = None if self.proc is None else self.proc.returncode
                 log.warning("vLLM is down (exit code %s); restarting in %.0fs", code, self._backoff)
+                self.engine.disarm()
                 self._kill_group(grace=5.0)  # its engine process may outlive the API server
                 self._next_restart_at = now + self._backoff
                 self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
@@ -332,8 +334,8 @@ class ManagedVLLM:
     def _check_engine(self, now: float) -> None:
         """A dead engine behind a live API server (or one that took the server down with
         it) is killed with its group; the restart path below then starts vLLM again."""
-        if not self.up or self._restarting:
-            return
+        if not self.engine.armed or self._restarting:
+            return  # not up since its last (re)start: nothing to watch yet
         if self.alive():
             reason = self.engine.dead(self.endpoint, str(self.cfg.resolved_base_model()))
         else:
