@@ -188,3 +188,23 @@ def test_batch_gate_never_mixes_prompt_logprobs_with_lora() -> None:
         else:
             running.discard(name)
         assert not ("plp" in running and running & {"lora1", "lora2"}), log
+
+
+def test_reconcile_spots_a_pinned_name_serving_other_weights(cfg: Config) -> None:
+    from daemon.serving.client import VLLMClient
+    from daemon.serving.reconcile import _pinned_problem
+    from daemon.serving.swap import Swapper
+    from tests.test_serving_unit import write_adapter
+
+    v1, v2 = (write_adapter(cfg.adapters_dir / v) for v in ("v0001", "v0002"))
+    sw = Swapper(cfg, [VLLMClient("http://127.0.0.1:9")])
+    try:
+        right = {"target": "evergreen-v0001", "path": str(v1)}
+        assert _pinned_problem(sw, "evergreen-v0001", right) == ""
+        moved = {"target": "evergreen-v0001", "path": str(v2)}
+        assert "serves" in _pinned_problem(sw, "evergreen-v0001", moved)
+        aliased = {"target": "evergreen-v0002", "path": str(v2)}
+        assert "alias" in _pinned_problem(sw, "evergreen-v0001", aliased)
+        assert _pinned_problem(sw, "evergreen-v0009", right)  # no such version dir
+    finally:
+        sw.close()
