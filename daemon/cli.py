@@ -26,6 +26,7 @@ from daemon import __version__, logs
 from daemon import config as config_mod
 from daemon.config import Config, ConfigError
 from daemon.errors import EvergreenError
+from daemon.private_files import private_umask
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -148,6 +149,7 @@ def main(
     ctx.obj.update(config_path=config_path, state_dir=state_dir, inbox_dir=inbox_dir, debug=debug)
     # One-shot commands log warnings only; `run`/`serve` reconfigure from the config.
     logs.setup("debug" if debug else "warning", "plain")
+    private_umask()  # whatever this command writes into the state dir is 0600 / 0700
 
 
 # --------------------------------------------------------------------------- config

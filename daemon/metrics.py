@@ -176,6 +176,16 @@ class Metrics:
         self.vllm_up = Gauge(
             "evergreen_vllm_up", "1 if the vLLM endpoint answers /health.", ["endpoint"], registry=r
         )
+        self.vllm_engine_restarts = Counter(
+            "evergreen_vllm_engine_restarts_total",
+            "Managed vLLM restarts because its engine died (the API server may have lived).",
+            registry=r,
+        )
+        self.vllm_engine_recovery = Gauge(
+            "evergreen_vllm_engine_recovery_seconds",
+            "Last engine recovery: engine death noticed -> vLLM restarted and reconciled.",
+            registry=r,
+        )
 
     # ---- ingest
     def on_ingest_outcome(self, outcome: str, reason: str | None = None) -> None:
@@ -241,6 +251,11 @@ class Metrics:
         if ok:
             self.swap_duration.observe(seconds)
             self.last_swap.set(when)
+
+    def on_engine_restart(self, seconds: float) -> None:
+        """The managed vLLM's engine died and was restarted and reconciled in ``seconds``."""
+        self.vllm_engine_restarts.inc()
+        self.vllm_engine_recovery.set(seconds)
 
     def set_adapter(self, version: str | None) -> None:
         """Exactly one ``evergreen_adapter_info`` series: the version now served."""

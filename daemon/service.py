@@ -44,6 +44,7 @@ from daemon.ingest import ensure_dirs
 from daemon.ingest.watcher import InboxWatcher
 from daemon.metrics import Metrics, endpoint_label, serve_http
 from daemon.notify import Notifier
+from daemon.private_files import private_umask, write_private
 from daemon.scheduling.schedule import start_scheduler
 from daemon.serving import promotion
 from daemon.serving.promotion import Promotion
@@ -135,9 +136,7 @@ class Service:
     def _write_effective_config(self) -> Path:
         """Subprocesses (seed build, stages) get exactly our config, flags included."""
         path = self.cfg.state_path / "effective-config.toml"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(config_mod.to_toml(self.cfg), encoding="utf-8")
-        tmp.replace(path)
+        write_private(path, config_mod.to_toml(self.cfg))  # it holds the API key
         return path
 
     def _ensure_base_model(self, cfg_file: Path) -> None:
@@ -164,7 +163,11 @@ class Service:
         if mode == "none":
             return
         if mode == "managed":
-            self.managed = ManagedVLLM(self.cfg)
+            self.managed = ManagedVLLM(
+                self.cfg,
+                on_restart=self._reconcile_after_restart,
+                on_engine_recovered=self.metrics.on_engine_restart,
+            )
             log.info("starting managed vLLM on %s:%s", self.cfg.serving.host, self.cfg.serving.port)
             self.notifier.status("starting vLLM")
             self.managed.start()
@@ -198,6 +201,11 @@ class Service:
                 f" {exc.strerror or exc}"
             ) from exc
         log.info("metrics on http://%s:%s/metrics", mc.host, mc.port)
+
+    def _reconcile_after_restart(self) -> None:
+        """A restarted vLLM lost its adapters: serve the current version again at once."""
+        if self.swapper is not None:
+            self.swapper.reconcile()
 
     def _endpoint_states(self) -> list[dict[str, Any]]:
         if self.swapper is None:
@@ -333,6 +341,7 @@ def run_service(cfg: Config, *, training: bool = True) -> int:
     before it touches the store, a vLLM left behind, or a running stage.
     """
     command = "evergreen run" if training else "evergreen serve"
+    private_umask()  # state files (lock, keys, config, store, adapters) 0600, dirs 0700
     try:
         lock = statelock.acquire(cfg.state_path, command)
     except statelock.StateDirBusy as busy:

@@ -19,6 +19,7 @@ once, next to the schema it touches.
 from __future__ import annotations
 
 import itertools
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -107,6 +108,7 @@ def open_db(
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _create_private(path)
         conn = _connect_and_migrate(path, apply_migrations, cache_mib)
     except (sqlite3.Error, OSError) as exc:
         err = store_error(exc, path)
@@ -114,6 +116,19 @@ def open_db(
             raise
         raise err from exc
     return Database(conn)
+
+
+def _create_private(path: Path) -> None:
+    """Create a new database file as 0600 whatever the umask; SQLite gives its -wal and
+    -shm files the mode of the database file."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 def _connect_and_migrate(

@@ -34,7 +34,12 @@ def make_cfg(tmp_path: Path, **policy: Any) -> Config:
             "state_dir": str(tmp_path / "state"),
             "base_model": str(base),
             "policy": {"replay": {"name": "uniform", "ratio": 1.0}, **policy},
-            "training": {"learning_rate": 4e-3, "general_mix": 0.25, "passes": 8.0, "min_steps": 100},
+            "training": {
+                "learning_rate": 4e-3,
+                "general_mix": 0.25,
+                "passes": 8.0,
+                "min_steps": 100,
+            },
         }
     )
 

@@ -154,7 +154,10 @@ def test_alias_route_rejects_bad_requests(
     if body == "base":
         body = {"alias": str(serving_cfg.resolved_base_model()), "target": "evergreen-v0001"}
     before = vllm_server.endpoint.aliases()["evergreen"]
-    headers = {"Authorization": f"Bearer {vllm_server.api_key}"}
+    headers = {
+        "Authorization": f"Bearer {vllm_server.api_key}",
+        "X-Evergreen-Admin": vllm_server.admin_secret,  # the alias route is an admin route
+    }
     resp = httpx.post(f"{vllm_server.url}/v1/evergreen/alias", json=body, headers=headers)
     assert resp.status_code == status
     assert message in resp.text

@@ -16,6 +16,7 @@ import httpx
 from daemon.errors import EvergreenError
 
 PLUGIN_NAME = "evergreen"
+ADMIN_HEADER = "X-Evergreen-Admin"  # see daemon.serving.vllm_guard
 
 
 class VLLMError(EvergreenError, RuntimeError):
@@ -45,7 +46,13 @@ class VLLMClient:
     """Synchronous client for one vLLM OpenAI-compatible endpoint (thread-safe via httpx)."""
 
     def __init__(
-        self, base_url: str, api_key: str = "", *, timeout: float = 60.0, name: str = ""
+        self,
+        base_url: str,
+        api_key: str = "",
+        *,
+        timeout: float = 60.0,
+        name: str = "",
+        admin_secret: str = "",
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -59,6 +66,8 @@ class VLLMClient:
         self.name = name or f"{parts.hostname}:{parts.port or 80}"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        # Sent only on the admin routes (load, unload, alias); the plugin requires it there.
+        self._admin = {ADMIN_HEADER: admin_secret} if admin_secret else {}
 
     def close(self) -> None:
         self._http.close()
@@ -107,13 +116,27 @@ class VLLMClient:
             raise VLLMError(f"{self.name}: completion for {model} returned no text")
         return str(choices[0]["text"])
 
+    def probe(self, model: str, *, timeout: float) -> bool | None:
+        """One greedy 1-token completion: True if answered, False if the server failed it
+        (HTTP 5xx, connection refused), None if it took longer than ``timeout`` (busy)."""
+        body = {"model": model, "prompt": "a", "max_tokens": 1, "temperature": 0.0}
+        try:
+            resp = self._http.post("/v1/completions", json=body, timeout=timeout)
+        except httpx.TimeoutException:
+            return None
+        except httpx.HTTPError:
+            return False
+        return resp.status_code < 500
+
     def load_lora(self, name: str, path: str | Path) -> None:
         body = {"lora_name": name, "lora_path": str(path)}
-        self._ok(self._request("POST", "/v1/load_lora_adapter", json=body), f"load {name}")
+        resp = self._request("POST", "/v1/load_lora_adapter", json=body, headers=self._admin)
+        self._ok(resp, f"load {name}")
 
     def unload_lora(self, name: str) -> None:
         body = {"lora_name": name}
-        self._ok(self._request("POST", "/v1/unload_lora_adapter", json=body), f"unload {name}")
+        resp = self._request("POST", "/v1/unload_lora_adapter", json=body, headers=self._admin)
+        self._ok(resp, f"unload {name}")
 
     def aliases(self) -> dict[str, dict[str, str]]:
         """Registered names -> ``{"target", "path"}`` (the plugin's view; aliases included)."""
@@ -129,7 +152,7 @@ class VLLMClient:
     def set_alias(self, alias: str, target: str) -> dict[str, Any]:
         """Atomically point ``alias`` at the adapter loaded as ``target``."""
         body = {"alias": alias, "target": target}
-        resp = self._request("POST", "/v1/evergreen/alias", json=body)
+        resp = self._request("POST", "/v1/evergreen/alias", json=body, headers=self._admin)
         if resp.status_code == 404 and "not loaded" not in resp.text:
             raise PluginMissingError(f"{self.name}: the evergreen vLLM plugin is not loaded")
         return dict(self._ok(resp, f"alias {alias} -> {target}").json())

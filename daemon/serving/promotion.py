@@ -27,7 +27,7 @@ from daemon.serving.adapters import (
     link_for_resolver,
     validate_adapter_dir,
 )
-from daemon.serving.apikey import load_or_create_api_key
+from daemon.serving.apikey import load_or_create_admin_secret, load_or_create_api_key
 from daemon.serving.audit import store_db
 from daemon.serving.client import VLLMClient
 from daemon.serving.swap import SwapError, Swapper, SwapResult
@@ -153,6 +153,7 @@ def cli_endpoints(cfg: Config) -> list[VLLMClient]:
         f"http://{host}:{cfg.serving.port}",
         load_or_create_api_key(cfg),
         timeout=cfg.serving.request_timeout_s,
+        admin_secret=load_or_create_admin_secret(cfg),
     )
     if not ep.health(timeout=2.0):
         ep.close()

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from daemon.serving.adapters import BASE_VERSION, AdapterRejected, served_name
+from daemon.serving.adapters import BASE_VERSION, AdapterRejected, adapter_path, served_name
 from daemon.serving.audit import record_event, store_db
 from daemon.serving.client import VLLMClient, VLLMError
 from store import adapters as store_adapters
@@ -51,7 +51,9 @@ def _reconcile_one(swapper: Swapper, ep: VLLMClient, want: str, name: str) -> st
         return "down"
     st.up = True
     try:
-        alias = ep.aliases().get(swapper.stable)
+        registry = ep.aliases()
+        repair_pinned(swapper, ep, registry)
+        alias = registry.get(swapper.stable)
         path = swapper.target(want)
         if alias and alias.get("target") == name and Path(alias["path"]).resolve() == path:
             st.serving, st.last_error = want, ""
@@ -74,6 +76,44 @@ def _reconcile_one(swapper: Swapper, ep: VLLMClient, want: str, name: str) -> st
     )
     log.info("reconcile: %s now serves %s as %s", ep.name, name, swapper.stable)
     return "restored"
+
+
+def _pinned_problem(swapper: Swapper, key: str, entry: dict[str, str]) -> str:
+    """Why the pinned name ``key`` does not serve its own version's dir ("" if it does)."""
+    version = key[len(swapper.stable) + 1 :]
+    if entry.get("target") != key:
+        return f"{key} is an alias of {entry.get('target')}"
+    try:
+        want = adapter_path(swapper.cfg, version)
+    except AdapterRejected as exc:
+        return str(exc)
+    if Path(entry.get("path", "")).resolve() != want:
+        return f"{key} serves {entry.get('path')}, not {want}"
+    return ""
+
+
+def repair_pinned(swapper: Swapper, ep: VLLMClient, registry: dict[str, dict[str, str]]) -> int:
+    """Unload every pinned name (``<model>-vNNNN``, ``<model>-base``) that does not serve its
+    own version's dir; vLLM's resolver loads the right one on its next use. Returns how many."""
+    repaired = 0
+    for key, entry in list(registry.items()):
+        if not key.startswith(swapper.stable + "-"):
+            continue
+        problem = _pinned_problem(swapper, key, entry)
+        if not problem:
+            continue
+        ep.unload_lora(key)
+        registry.pop(key)
+        repaired += 1
+        log.warning("reconcile: %s: %s; unloaded", ep.name, problem)
+        record_event(
+            swapper.cfg,
+            "swap.pinned_repaired",
+            f"{ep.name}: {problem}; unloaded",
+            key[len(swapper.stable) + 1 :],
+            {"endpoint": ep.name, "name": key, "problem": problem},
+        )
+    return repaired
 
 
 def _failed(swapper: Swapper, ep: VLLMClient, want: str, exc: Exception) -> None:

@@ -47,6 +47,7 @@ from daemon.serving.adapters import (
     served_name,
     validate_adapter_dir,
 )
+from daemon.serving.apikey import load_or_create_admin_secret
 from daemon.serving.audit import record_event
 from daemon.serving.client import VLLMClient, VLLMError
 
@@ -120,10 +121,13 @@ class Swapper:
 
     @classmethod
     def from_config(cls, cfg: Config, **kwargs: Any) -> Swapper:
-        """External mode: one client per ``serving.endpoints`` URL, with the configured key."""
+        """External mode: one client per ``serving.endpoints`` URL, with the configured key
+        and the admin secret of ``<state>/vllm-admin-secret`` (the servers read that file
+        through ``EVERGREEN_ADMIN_SECRET_FILE``)."""
         key = cfg.serving.api_key
+        admin = load_or_create_admin_secret(cfg)
         eps = [
-            VLLMClient(url, key, timeout=cfg.serving.request_timeout_s)
+            VLLMClient(url, key, timeout=cfg.serving.request_timeout_s, admin_secret=admin)
             for url in cfg.serving.endpoints
         ]
         if not eps:

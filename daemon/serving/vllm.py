@@ -16,7 +16,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,10 +23,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
-
 from daemon.config import Config
-from daemon.serving.apikey import load_or_create_api_key
+from daemon.serving.apikey import load_or_create_admin_secret, load_or_create_api_key
+from daemon.serving.audit import record_event
 from daemon.serving.client import (
     PLUGIN_NAME,
     InsecureEndpointError,
@@ -35,6 +33,9 @@ from daemon.serving.client import (
     VLLMError,
     is_loopback,
 )
+from daemon.serving.engine import EngineWatch, died_in_log
+from daemon.serving.procs import group_alive, kill_stale_group, port_in_use, write_atomic
+from daemon.serving.vllm_guard import SECRET_ENV
 
 __all__ = ["ManagedVLLM", "VLLMError"]
 
@@ -45,30 +46,8 @@ STOP_GRACE_S = 20.0
 BACKOFF_INITIAL_S = 1.0
 BACKOFF_MAX_S = 60.0
 STABLE_AFTER_S = 120.0  # healthy this long after a restart resets the backoff
+START_MARKER = "=== evergreen: starting vLLM"
 UNHEALTHY_RESTART_S = 60.0  # alive but failing /health this long after being up -> restart
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except OSError:
-        return None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
-def _port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
 
 
 class ManagedVLLM:
@@ -86,6 +65,7 @@ class ManagedVLLM:
         cfg: Config,
         *,
         on_restart: Callable[[], None] | None = None,
+        on_engine_recovered: Callable[[float], None] | None = None,
         python: str = sys.executable,
     ) -> None:
         sc = cfg.serving
@@ -96,10 +76,17 @@ class ManagedVLLM:
         self.cfg = cfg
         self.python = python
         self.api_key = load_or_create_api_key(cfg)
+        self.admin_secret = load_or_create_admin_secret(cfg)
         host = f"[{sc.host}]" if ":" in sc.host else sc.host
         self.url = f"http://{host}:{sc.port}"
         self.log_path = cfg.logs_dir / "vllm.log"
         self.on_restart: list[Callable[[], None]] = [on_restart] if on_restart else []
+        # Called with the recovery time (engine death noticed -> restarted and reconciled).
+        self.on_engine_recovered = [on_engine_recovered] if on_engine_recovered else []
+        self.engine = EngineWatch()
+        self.engine_restarts = 0
+        self.last_recovery_s = 0.0
+        self._engine_dead_at: float | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.up = False
         self.restarts = 0
@@ -120,7 +107,10 @@ class ManagedVLLM:
         """The HTTP client for this server (named ``host:port``, as metrics label it)."""
         if self._client is None:
             self._client = VLLMClient(
-                self.url, self.api_key, timeout=self.cfg.serving.request_timeout_s
+                self.url,
+                self.api_key,
+                timeout=self.cfg.serving.request_timeout_s,
+                admin_secret=self.admin_secret,
             )
         return self._client
 
@@ -156,6 +146,7 @@ class ManagedVLLM:
         env.update(
             {
                 "VLLM_API_KEY": self.api_key,  # same as --api-key, but not visible in ps
+                SECRET_ENV: self.admin_secret,  # our plugin's admin routes (load, alias)
                 "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
                 "VLLM_PLUGINS": f"{PLUGIN_NAME},lora_filesystem_resolver",
                 "VLLM_LORA_RESOLVER_CACHE_DIR": str(resolver_dir),
@@ -172,9 +163,11 @@ class ManagedVLLM:
             if self.proc is not None and self.proc.poll() is None:
                 return
             self._kill_group()  # leftovers of a crashed run (its engine process) go first
-            self._kill_stale_group()  # ... or of a previous daemon killed with SIGKILL
+            kill_stale_group(
+                self.pgid_path, STOP_GRACE_S
+            )  # ... or of a previous daemon killed with SIGKILL
             sc = self.cfg.serving
-            if _port_in_use(sc.host, sc.port):
+            if port_in_use(sc.host, sc.port):
                 raise VLLMError(
                     f"cannot start vLLM: {sc.host}:{sc.port} is already in use (serving.port)"
                 )
@@ -184,7 +177,7 @@ class ManagedVLLM:
             self._next_restart_at = 0.0
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "ab") as logf:
-                logf.write(f"\n=== evergreen: starting vLLM at {time.ctime()} ===\n".encode())
+                logf.write(f"\n{START_MARKER} at {time.ctime()} ===\n".encode())
                 logf.flush()
                 self.proc = subprocess.Popen(
                     self.command(),
@@ -195,7 +188,7 @@ class ManagedVLLM:
                     start_new_session=True,  # own process group: stop() kills the engine too
                     cwd=str(self.cfg.state_path),
                 )
-            _write_atomic(self.pgid_path, f"{self.proc.pid}\n")
+            write_atomic(self.pgid_path, f"{self.proc.pid}\n")
             self._started_at = time.monotonic()
             self._unhealthy_since = None
             log.info("vLLM starting (pid %d) on %s, log %s", self.proc.pid, self.url, self.log_path)
@@ -203,28 +196,6 @@ class ManagedVLLM:
     @property
     def pgid_path(self) -> Path:
         return self.cfg.state_path / "vllm.pgid"
-
-    def _kill_stale_group(self) -> None:
-        """A daemon killed with SIGKILL leaves its vLLM running (and holding the port).
-
-        Its process group id is in ``<state>/vllm.pgid``; if that group still holds a vLLM
-        server, end it before starting ours. Only a group whose members run vLLM is touched.
-        """
-        try:
-            pgid = int(self.pgid_path.read_text().strip())
-        except (OSError, ValueError):
-            return
-        members = [p for p in psutil.process_iter(["cmdline"]) if _pgid(p.pid) == pgid]
-        if not any("vllm" in " ".join(p.info.get("cmdline") or []) for p in members):
-            return
-        log.warning("stopping vLLM left by a previous run (process group %d)", pgid)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGTERM)
-        _gone, alive = psutil.wait_procs(members, timeout=STOP_GRACE_S)
-        for proc in alive:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        psutil.wait_procs(alive, timeout=5)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -252,16 +223,18 @@ class ManagedVLLM:
         return False
 
     def _mark_up(self) -> None:
+        if not self.engine.armed and self.proc is not None:
+            self.engine.arm(self.proc.pid)
         self.up = True
         self.last_healthy_at = time.time()
         self._unhealthy_since = None
         self._restarting = False
 
-    def log_tail(self, lines: int = 30) -> str:
+    def log_tail(self, lines: int = 30, max_bytes: int = 16384) -> str:
         try:
             with open(self.log_path, "rb") as f:
                 f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 16384))
+                f.seek(max(0, f.tell() - max_bytes))
                 text = f.read().decode(errors="replace")
         except OSError:
             return "(no vLLM log)"
@@ -280,7 +253,7 @@ class ManagedVLLM:
             log.warning("vLLM did not stop within %.0fs; sending SIGKILL", grace)
         # The API server may be gone while its engine process lingers: kill the whole group.
         deadline = time.monotonic() + min(grace, 5.0)
-        while _group_alive(pgid) and time.monotonic() < deadline:
+        while group_alive(pgid) and time.monotonic() < deadline:
             time.sleep(0.2)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
@@ -292,6 +265,7 @@ class ManagedVLLM:
         """Stop supervision and vLLM (and its engine process); idempotent."""
         self._stop.set()
         with self._lock:
+            self.engine.disarm()
             self._kill_group(grace)
             self.up = False
             self._restarting = False
@@ -316,6 +290,7 @@ class ManagedVLLM:
                 self.up = False
                 return False
             now = time.monotonic()
+            self._check_engine(now)
             if self.alive():
                 if self.endpoint.health(timeout=2.0):
                     was_restarting = self._restarting
@@ -339,6 +314,7 @@ class ManagedVLLM:
             if self._next_restart_at == 0.0:
                 code = None if self.proc is None else self.proc.returncode
                 log.warning("vLLM is down (exit code %s); restarting in %.0fs", code, self._backoff)
+                self.engine.disarm()
                 self._kill_group(grace=5.0)  # its engine process may outlive the API server
                 self._next_restart_at = now + self._backoff
                 self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
@@ -355,6 +331,29 @@ class ManagedVLLM:
                 log.error("vLLM restart failed: %s", exc)
             return False
 
+    def _check_engine(self, now: float) -> None:
+        """A dead engine behind a live API server (or one that took the server down with
+        it) is killed with its group; the restart path below then starts vLLM again."""
+        if not self.engine.armed or self._restarting:
+            return  # not up since its last (re)start: nothing to watch yet
+        if self.alive():
+            reason = self.engine.dead(self.endpoint, str(self.cfg.resolved_base_model()))
+        else:
+            reason = (
+                "vLLM exited after its engine died"
+                if died_in_log(self.log_tail(20000, max_bytes=1 << 20), START_MARKER)
+                else ""
+            )
+        if not reason:
+            return
+        log.error("vLLM engine is dead (%s); restarting vLLM", reason)
+        self._engine_dead_at = now
+        self.engine.disarm()
+        self._kill_group(grace=5.0)
+        self.up = False
+        self._next_restart_at = 0.0
+        self.last_error = f"engine dead: {reason}"
+
     def _after_restart(self) -> None:
         log.info("vLLM restarted and healthy (restart #%d)", self.restarts)
         for callback in self.on_restart:
@@ -362,13 +361,25 @@ class ManagedVLLM:
                 callback()
             except Exception:
                 log.exception("on_restart callback failed")
+        if self._engine_dead_at is not None:
+            self._engine_recovered(time.monotonic() - self._engine_dead_at)
 
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    def _engine_recovered(self, seconds: float) -> None:
+        self._engine_dead_at = None
+        self.engine_restarts += 1
+        self.last_recovery_s = seconds
+        log.warning(
+            "vLLM engine recovered in %.1fs (engine restart #%d)", seconds, self.engine_restarts
+        )
+        record_event(
+            self.cfg,
+            "vllm.engine_restarted",
+            f"vLLM engine died ({self.last_error}); restarted and reconciled in {seconds:.1f}s",
+            "vllm",
+            {"seconds": seconds, "reason": self.last_error, "restarts": self.engine_restarts},
+        )
+        for callback in self.on_engine_recovered:
+            try:
+                callback(seconds)
+            except Exception:
+                log.exception("on_engine_recovered callback failed")

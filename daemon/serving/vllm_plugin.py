@@ -28,14 +28,22 @@ Routes (all under ``/v1`` so vLLM's ``--api-key`` middleware guards them):
 * ``GET  /v1/models``            vLLM's list, plus each alias under its own id (vLLM's own
   route would list an alias under the target's name only).
 
+The plugin also installs :class:`daemon.serving.vllm_guard.GuardMiddleware`: the admin
+routes (load, unload, alias) need the daemon's admin secret besides the client key, pinned
+version names cannot be re-pointed, and prompt-log-probs requests never share a batch with
+LoRA requests of another model class (that mix kills vLLM 0.32's engine).
+
 Loaded by vLLM through the ``vllm.endpoint_plugins`` entry point named ``evergreen``, which
 vLLM only activates when ``VLLM_PLUGINS`` names it. This module imports nothing from the
-daemon, so it stays cheap inside the vLLM process.
+daemon but :mod:`daemon.serving.vllm_guard` (no further imports), so it stays cheap inside
+the vLLM process.
 """
 
 import re
 from argparse import Namespace
 from typing import Any
+
+from daemon.serving.vllm_guard import GuardMiddleware
 
 PLUGIN_NAME = "evergreen"
 PLUGIN_API = 1
@@ -140,6 +148,8 @@ class EvergreenPlugin:
         router.add_api_route("/v1/evergreen/aliases", list_aliases, methods=["GET"])
         router.add_api_route("/v1/models", show_models, methods=["GET"])
         app.include_router(router)
+        # Added before vLLM's own middlewares, so it runs inside them (after the key check).
+        app.add_middleware(GuardMiddleware, app_state=app.state)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         """No per-app state: the routes read vLLM's own model registry."""
