@@ -699,7 +699,7 @@ def real_text_stage(
     out = {
         "label": label,
         "status": res.status,
-        "gate": res.get("reason"),
+        "gate": res.reason,
         "adapter": str(cfg.adapters_dir / str(res.version)),
         "stage_s": round(stage_s, 1),
         "steps": tr["steps"],
