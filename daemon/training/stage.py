@@ -43,7 +43,7 @@ from store import adapters, documents, stages
 from store.contracts import StagePlan
 from store.db import open_db
 
-__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_STOPPED", "execute", "main", "run"]
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_STOPPED", "main", "run", "train_plan"]
 
 
 @dataclass
@@ -53,7 +53,7 @@ class StopFlag:
     requested: bool = False
 
 
-def execute(
+def train_plan(
     db: sqlite_utils.Database, stage_id: int, plan: StagePlan, stop: StopFlag
 ) -> tuple[str, dict[str, Any]]:
     """setup -> train -> evaluate -> publish -> register; returns (version, metrics)."""
@@ -135,7 +135,7 @@ def run(db: sqlite_utils.Database, stage_id: int) -> int:
     signal.signal(signal.SIGTERM, lambda *_: setattr(stop, "requested", True))
     stages.set_status(db, stage_id, stages.RUNNING, pid=os.getpid())
     try:
-        version, metrics = execute(db, stage_id, StagePlan.from_json(row["plan"]), stop)
+        version, metrics = train_plan(db, stage_id, StagePlan.from_json(row["plan"]), stop)
     except StageStopped as exc:
         stages.update_progress(db, stage_id, {"phase": "stopped", "reason": str(exc)})
         emit("stopped", stage_id=stage_id, reason=str(exc))
