@@ -329,7 +329,7 @@ def run_sequence(
     t0 = time.time()
     for i, dom in enumerate(domains):
         train, hold = domain_documents(dom, seed=i)
-        _add_doc(db, tok, train, hold, f"/inbox/{dom['name']}.txt")
+        add_texts(db, tok, train, hold, f"/inbox/{dom['name']}.txt")
         res = runner.run_stage(cfg, db, promote=_store_only(cfg))
         if res.status not in ("promoted", "rejected") or res.stage_id is None:
             raise RuntimeError(f"{label} stage {i + 1}: {res.status}: {res.reason}")
@@ -368,7 +368,8 @@ def run_sequence(
     return {"matrix": matrix, "tokens": tokens, "general": general, "speeds": speeds}
 
 
-def _add_doc(db: Any, tok: Any, train: list[str], hold: list[str], path: str) -> None:
+def add_texts(db: Any, tok: Any, train: list[str], hold: list[str], path: str) -> None:
+    """One stored document whose chunks are ``train`` + ``hold`` (as ingest would store)."""
     import hashlib
 
     def n(t: str) -> int:
@@ -439,7 +440,7 @@ def speed_evergreen(base: Path, work: Path, docs: list[str], tok: Any, training:
         },
     )
     db = open_db(cfg.db_path)
-    _add_doc(db, tok, docs, [], "/inbox/speed.txt")
+    add_texts(db, tok, docs, [], "/inbox/speed.txt")
     res = runner.run_stage(cfg, db, promote=_store_only(cfg))
     db.conn.close()
     return float(res.metrics["training"]["tokens_per_s"])

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gzip
-import hashlib
 import json
 import math
 import os
@@ -46,11 +45,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.continual import add_texts  # noqa: E402
 from daemon import config as config_mod  # noqa: E402
 from daemon.serving import promotion  # noqa: E402
 from daemon.training import runner  # noqa: E402
 from daemon.training.seed import ensure_seed_model  # noqa: E402
-from store import documents  # noqa: E402
 from store.db import open_db  # noqa: E402
 
 DEBIAN_POLICY = Path("/usr/share/doc/debian-policy/policy.txt.gz")
@@ -398,27 +397,6 @@ def seed_model(work: Path, size: str, steps: int = 0) -> Path:
         seed["steps"] = steps
     cfg = config_mod.from_dict({"state_dir": str(work / f"seed-{size}"), "seed": seed})
     return ensure_seed_model(cfg)
-
-
-def add_texts(db: Any, tok: Any, train: list[str], hold: list[str], path: str) -> None:
-    """One stored document whose chunks are ``train`` + ``hold`` (as ingest would store)."""
-
-    def n(t: str) -> int:
-        return len(tok(t, add_special_tokens=False)["input_ids"])
-
-    chunks = [documents.ChunkIn(t, n(t), "train") for t in train]
-    chunks += [documents.ChunkIn(t, n(t), "holdout") for t in hold]
-    digest = hashlib.sha256("\x1e".join(train + hold).encode()).hexdigest()
-    documents.insert_document(
-        db,
-        track="default",
-        path=path,
-        content_hash=digest,
-        size=sum(map(len, train)),
-        mtime=0.0,
-        fmt="txt",
-        chunks=chunks,
-    )
 
 
 def parse_sets(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
