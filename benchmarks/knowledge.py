@@ -580,15 +580,11 @@ class Scorer:
         self.server.stop()
 
     def load(self, name: str, path: Path) -> str:
-        r = self.http.post(
-            "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}
-        )
-        if r.status_code != 200:
-            raise RuntimeError(f"load {name}: {r.status_code} {r.text[:300]}")
+        self.server.endpoint.load_lora(name, path)  # the daemon's client: admin secret
         return name
 
     def unload(self, name: str) -> None:
-        self.http.post("/v1/unload_lora_adapter", json={"lora_name": name})
+        self.server.endpoint.unload_lora(name)
 
     def nll(self, model: str, windows: list[list[int]]) -> tuple[float, int]:
         """Summed negative log-likelihood of every token after the first of each window.
