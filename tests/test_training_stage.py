@@ -394,7 +394,7 @@ def test_stage_log_shows_progress_a_human_can_follow(tmp_path: Path, tiny_seed_m
     assert re.findall(r"step (\d+)/12 holdout loss", log) == ["3", "6", "9", "12"], log
     assert re.search(r"tok/s ETA \S+", log)
     assert "evaluating the candidate" in log and "evaluated: new_loss" in log
-    assert f"published {res['version']}" in log
+    assert f"published {res.version}" in log
     assert "Traceback" not in log
     progress = stages.get(db, res["stage_id"])["progress"]
     assert progress["phase"] == "evaluate"  # the last phase the stage reported
