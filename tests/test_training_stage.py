@@ -396,6 +396,6 @@ def test_stage_log_shows_progress_a_human_can_follow(tmp_path: Path, tiny_seed_m
     assert "evaluating the candidate" in log and "evaluated: new_loss" in log
     assert f"published {res.version}" in log
     assert "Traceback" not in log
-    progress = stages.get(db, res["stage_id"])["progress"]
+    progress = stages.get(db, res.stage_id)["progress"]
     assert progress["phase"] == "evaluate"  # the last phase the stage reported
     db.conn.close()
