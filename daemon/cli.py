@@ -174,6 +174,9 @@ def config_show(ctx: click.Context, as_json: bool, keys: bool) -> None:
         _print_json(config_mod.to_dict(cfg))
     else:
         click.echo(config_mod.to_toml(cfg), nl=False)
+        from daemon.scheduling import placement
+
+        click.echo(f"# on this machine, {placement.for_config(cfg).describe()}")
 
 
 @config_group.command("check")

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from daemon.config_augment import AugmentConfig
+from daemon.config_placement import PlacementConfig
 from daemon.config_sections import (
     DAY_S,
     IngestConfig,
@@ -44,6 +45,7 @@ __all__ = [
     "ConfigError",
     "IngestConfig",
     "MetricsConfig",
+    "PlacementConfig",
     "PolicyConfig",
     "Section",
     "SeedConfig",
@@ -152,6 +154,10 @@ class Config(Section):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="HTTP.")
     augment: AugmentConfig = Field(
         default_factory=AugmentConfig, description="Synthetic study text (augmentation)."
+    )
+    placement: PlacementConfig = Field(
+        default_factory=PlacementConfig,
+        description="How serving and training share this machine (cores, threads, GPUs).",
     )
 
     @field_validator("track")

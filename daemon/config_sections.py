@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STEPS = 10_000_000
 DAY_S = 86400.0
@@ -147,6 +147,26 @@ class TrainingConfig(Section):
     stage_timeout_s: float = num(
         3600.0, 1, 7 * DAY_S, "A stage running longer than this is stopped and failed."
     )
+    launcher: Literal["local", "torchrun"] = opt(
+        "local",
+        "'local': a stage is one process. 'torchrun': python -m torch.distributed.run starts "
+        "nproc_per_node x nnodes ranks (DDP; gloo on CPU, nccl on GPU); prewarm is not used.",
+    )
+    nproc_per_node: int = num(
+        1, 1, 1024, "torchrun: processes per node (one per GPU on a GPU node)."
+    )
+    nnodes: int = num(1, 1, 100_000, "torchrun: nodes taking part in each stage.")
+    rdzv_endpoint: str = opt(
+        "",
+        "torchrun: rendezvous host:port (c10d) shared by every node; empty = --standalone "
+        "(one node).",
+    )
+
+    @model_validator(mode="after")
+    def _multi_node_needs_rendezvous(self) -> TrainingConfig:
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs training.rdzv_endpoint (host:port)")
+        return self
 
 
 class SeedConfig(Section):

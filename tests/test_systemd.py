@@ -61,6 +61,9 @@ def test_vllm_unit_settings() -> None:
     assert "/health" in svc["ExecStartPost"]
     assert int(svc["TimeoutStartSec"]) >= 300
     assert "vllm.entrypoints.openai.api_server" in svc["ExecStart"]
+    # serving wins a contested CPU against the daemon's unit (placement)
+    main = _unit("evergreen.service")["Service"]
+    assert int(svc["CPUWeight"]) > int(main["CPUWeight"]) and int(svc["Nice"]) < 0
 
 
 @pytest.mark.parametrize("name", ["prometheus.yml", "alerts.yml", "grafana-dashboard.json"])

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from daemon.config import Config
+from daemon.scheduling import placement
 from daemon.serving.apikey import load_or_create_admin_secret, load_or_create_api_key
 from daemon.serving.audit import record_event
 from daemon.serving.client import (
@@ -100,6 +101,8 @@ class ManagedVLLM:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._client: VLLMClient | None = None
+        self.placement = placement.for_config(cfg)
+        log.info("%s", self.placement.describe())
 
     # -- the child --------------------------------------------------------------------------
     @property
@@ -135,6 +138,7 @@ class ManagedVLLM:
             str(max(sc.max_cpu_loras, sc.max_loras)),
             "--max-model-len",
             str(sc.max_model_len),
+            *self.placement.serving_args([str(a) for a in sc.extra_args]),
             *[str(a) for a in sc.extra_args],
         ]
 
@@ -152,6 +156,7 @@ class ManagedVLLM:
                 "VLLM_LORA_RESOLVER_CACHE_DIR": str(resolver_dir),
                 "VLLM_CPU_KVCACHE_SPACE": str(self.cfg.serving.kvcache_space_gib),
                 "PYTHONUNBUFFERED": "1",
+                **self.placement.serving_env(),  # its cores (OpenMP binding) and GPUs
             }
         )
         return env
@@ -188,10 +193,18 @@ class ManagedVLLM:
                     start_new_session=True,  # own process group: stop() kills the engine too
                     cwd=str(self.cfg.state_path),
                 )
+            self._pin(self.proc.pid)
             write_atomic(self.pgid_path, f"{self.proc.pid}\n")
             self._started_at = time.monotonic()
             self._unhealthy_since = None
             log.info("vLLM starting (pid %d) on %s, log %s", self.proc.pid, self.url, self.log_path)
+
+    def _pin(self, pid: int) -> None:
+        """vLLM's processes (the engine inherits it) on its cores too; best effort."""
+        cpus = self.placement.serving_cpus if self.placement.enabled else ()
+        if cpus:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(pid, cpus)
 
     @property
     def pgid_path(self) -> Path:

@@ -17,6 +17,7 @@ Semantics the rest of Evergreen relies on:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -29,6 +30,7 @@ from typing import Any
 from daemon.config import TrainingConfig
 from daemon.training import checkpoint, sizing
 from daemon.training import data as data_mod
+from daemon.training.distributed import Ranks
 from daemon.training.lora import Loaded
 from daemon.training.report import Reporter, StageFailed, StageStopped, emit
 from daemon.training.stage_data import Prepared, StageData
@@ -90,6 +92,7 @@ class Trainer:
         stage_dir: Path,
         report: Reporter,
         stop_requested: Callable[[], bool],
+        ranks: Ranks | None = None,
     ) -> None:
         import torch
 
@@ -100,7 +103,10 @@ class Trainer:
         self.stage_dir = stage_dir
         self.report = report
         self.stop_requested = stop_requested
-        self.total = total_steps(hp, len(data.batches), data.sized_tokens())
+        self.ranks = ranks or Ranks()
+        self.fwd = self.ranks.wrap(self.model)  # DDP under torchrun, else the model
+        sized = hp.model_copy(update={"grad_accum": self.ranks.global_accum(hp.grad_accum)})
+        self.total = total_steps(sized, len(data.batches), data.sized_tokens())
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
@@ -121,7 +127,7 @@ class Trainer:
             if hp.eval_every and self.data.holdout and st.step % hp.eval_every == 0:
                 self.early_stopping(st)
             done = st.step >= self.total or st.stopped_early
-            stop = self.stop_requested()
+            stop = self.ranks.any(self.stop_requested())  # every rank stops at this step
             if done or stop or (hp.checkpoint_every and st.step % hp.checkpoint_every == 0):
                 self.save(st)
             lr = float(self.sched.get_last_lr()[0])
@@ -134,31 +140,42 @@ class Trainer:
         return self.stats(st, (st.tokens - tok0) / elapsed)
 
     def step(self, st: LoopState) -> None:
-        """One optimizer step over ``grad_accum`` micro-batches (loss summed per token)."""
+        """One optimizer step over the step's micro-batches (this rank's share of them),
+        the loss summed per token over the whole (all ranks') batch."""
         import torch
 
         self.opt.zero_grad(set_to_none=True)
-        accum = self.hp.grad_accum
-        group = [self.data.batch_at(st.step * accum + k) for k in range(accum)]
-        n_labels = max(1, sum(c.labels_count for c in group))
+        group = [
+            self.data.batch_at(i) for i in self.ranks.micro_indices(st.step, self.hp.grad_accum)
+        ]
+        n_labels, n_tokens, n_data = self.ranks.all_sum(
+            [
+                sum(c.labels_count for c in group),
+                sum(c.col.n_tokens for c in group),
+                sum(c.data_tokens for c in group),
+            ]
+        )
+        scale = self.ranks.world / max(1.0, n_labels)  # DDP averages gradients over ranks
         loss_sum = 0.0
-        for c in group:
-            loss = self.loss(c) / n_labels
-            if self.fault_step and st.step + 1 == self.fault_step:
-                loss = loss * math.nan
-            if not torch.isfinite(loss):
-                raise StageFailed(f"non-finite loss at step {st.step + 1}")
-            loss.backward()
-            loss_sum += float(loss.detach())
-            st.tokens += c.col.n_tokens
-            st.data_tokens += c.data_tokens
+        for k, c in enumerate(group):
+            sync = k == len(group) - 1 or not self.ranks.active  # DDP: all-reduce once
+            with contextlib.nullcontext() if sync else self.fwd.no_sync():
+                loss = self.loss(c) * scale
+                if self.fault_step and st.step + 1 == self.fault_step:
+                    loss = loss * math.nan
+                if not torch.isfinite(loss):
+                    raise StageFailed(f"non-finite loss at step {st.step + 1}")
+                loss.backward()
+            loss_sum += float(loss.detach()) / self.ranks.world
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         if not torch.isfinite(grad_norm):
             raise StageFailed(f"non-finite gradient norm at step {st.step + 1}")
         self.opt.step()
         self.sched.step()
         st.step += 1
-        st.last_loss = loss_sum
+        st.tokens += int(n_tokens)
+        st.data_tokens += int(n_data)
+        st.last_loss = self.ranks.all_sum([loss_sum])[0]
 
     def loss(self, c: Prepared) -> Any:
         """Summed token cross-entropy of one micro-batch (labels are pre-shifted)."""
@@ -166,7 +183,7 @@ class Trainer:
 
         t = data_mod.to_tensors(c.col, self.dev.device, self.dev.dtype)
         labels = t.pop("labels")
-        logits = self.model(**t).logits.float()
+        logits = self.fwd(**t).logits.float()
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]),
             labels.reshape(-1),
@@ -197,7 +214,11 @@ class Trainer:
         )
 
     def save(self, st: LoopState) -> None:
+        """Checkpoint (rank 0 only: every rank holds the same weights)."""
         import torch
+
+        if not self.ranks.main:
+            return
 
         state = {
             "optimizer": self.opt.state_dict(),
@@ -221,7 +242,8 @@ class Trainer:
         torch.set_rng_state(saved["rng"])
         st = LoopState.from_checkpoint(saved["progress"])
         st.resumed_from = st.step
-        emit("resumed", stage_id=self.data.stage_id, step=st.step)
+        if self.ranks.main:
+            emit("resumed", stage_id=self.data.stage_id, step=st.step)
         return st
 
     def stats(self, st: LoopState, tokens_per_s: float) -> dict[str, Any]:

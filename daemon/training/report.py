@@ -135,3 +135,21 @@ class Reporter:
         stages.update_progress(self.db, self.stage_id, {"phase": phase, **fields})
         emit("progress", stage_id=self.stage_id, phase=phase, **fields)
         say(f"stage {self.stage_id}: {message}")
+
+
+class QuietReporter(Reporter):
+    """The reporter of ranks other than 0 under torchrun: rank 0 speaks for the stage."""
+
+    def start(self, step: int, tokens: int, total: int) -> None:
+        return None
+
+    def step(self, step: int, total: int, *, loss: float, lr: float, tokens: int) -> None:
+        return None
+
+    def holdout(
+        self, step: int, total: int, loss: float, *, best: float, bad: int, patience: int
+    ) -> None:
+        return None
+
+    def phase(self, phase: str, message: str, **fields: Any) -> None:
+        return None

@@ -13,6 +13,7 @@ import json
 import sys
 from typing import Any
 
+from daemon.scheduling import placement
 from store import adapters, documents
 from store.db import open_db
 
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--batch-tokens", type=int, default=4096)
     args = ap.parse_args(argv)
+    placement.apply_from_env()  # our cores and niceness, before torch starts its threads
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -73,7 +73,7 @@ def score_chunks(
             score_command(cfg, version, chunk_ids),
             stdout=subprocess.DEVNULL,
             stderr=log_file,
-            env=subprocess_env(),
+            env=subprocess_env(cfg),
             cwd=str(PROJECT_ROOT),
         )
         wait_or_stop(proc, stop_event, timeout_s, grace_s=10.0)

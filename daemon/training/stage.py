@@ -28,11 +28,23 @@ from typing import Any
 
 import sqlite_utils
 
-from daemon.training import hparams, loop, lora, publish, stage_data, stage_eval, warm
+from daemon.scheduling import placement
+from daemon.training import (
+    distributed,
+    hparams,
+    loop,
+    lora,
+    publish,
+    stage_data,
+    stage_eval,
+    warm,
+)
+from daemon.training.distributed import Ranks
 from daemon.training.report import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_STOPPED,
+    QuietReporter,
     Reporter,
     StageFailed,
     StageStopped,
@@ -54,23 +66,41 @@ class StopFlag:
 
 
 def train_plan(
-    db: sqlite_utils.Database, stage_id: int, plan: StagePlan, stop: StopFlag
-) -> tuple[str, dict[str, Any]]:
-    """setup -> train -> evaluate -> publish -> register; returns (version, metrics)."""
+    db: sqlite_utils.Database,
+    stage_id: int,
+    plan: StagePlan,
+    stop: StopFlag,
+    ranks: Ranks | None = None,
+) -> tuple[str, dict[str, Any]] | None:
+    """setup -> train -> evaluate -> publish -> register; returns (version, metrics).
+
+    Under torchrun every rank trains its shard; rank 0 alone evaluates, publishes and
+    registers, and the other ranks return None once training is done."""
+    ranks = ranks or Ranks()
     if not plan.stage_dir or not plan.output_dir:
         raise StageFailed("the plan names no stage dir or output dir")
     hp = hparams.from_plan(plan.hparams)
     stage_dir = Path(plan.stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    report = Reporter(db, stage_id)
+    report = Reporter(db, stage_id) if ranks.main else QuietReporter(db, stage_id)
     say(f"stage {stage_id}: loading {plan.base_model} (adapter {plan.init_adapter or 'new'})")
     loaded = lora.load(plan, hp, stage_id)
     data = stage_data.load(db, plan, loaded.tok, hp, stage_id=stage_id, pad_id=loaded.pad_id)
-    stage_data.write_data_json(stage_dir, data)
+    if ranks.main:
+        stage_data.write_data_json(stage_dir, data)
     trainer = loop.Trainer(
-        loaded, data, hp, stage_dir=stage_dir, report=report, stop_requested=lambda: stop.requested
+        loaded,
+        data,
+        hp,
+        stage_dir=stage_dir,
+        report=report,
+        stop_requested=lambda: stop.requested,
+        ranks=ranks,
     )
     train_stats = trainer.run()
+    if not ranks.main:
+        return None
+    train_stats["processes"] = ranks.world
     stages.set_status(db, stage_id, stages.TRAINED)
     report.phase("evaluate", "evaluating the candidate against its parent")
     metrics, chunk_losses = stage_eval.evaluate(db, plan, loaded, data, hp)
@@ -122,8 +152,12 @@ def _register(
     stages.set_status(db, stage_id, stages.EVALUATED, candidate_version=version)
 
 
-def run(db: sqlite_utils.Database, stage_id: int) -> int:
-    """The whole stage; returns the process exit code. Never leaves a half adapter."""
+def run(db: sqlite_utils.Database, stage_id: int, ranks: Ranks | None = None) -> int:
+    """The whole stage; returns the process exit code. Never leaves a half adapter.
+
+    Only rank 0 writes the stage's row; another rank's failure reaches rank 0 as a failed
+    collective (or torchrun stops it), so the stage fails as one."""
+    ranks = ranks or Ranks()
     row = stages.get(db, stage_id)
     if row is None:
         emit("error", message=f"no stage {stage_id}")
@@ -133,21 +167,26 @@ def run(db: sqlite_utils.Database, stage_id: int) -> int:
         return EXIT_FAILED
     stop = StopFlag()
     signal.signal(signal.SIGTERM, lambda *_: setattr(stop, "requested", True))
-    stages.set_status(db, stage_id, stages.RUNNING, pid=os.getpid())
+    if ranks.main:
+        stages.set_status(db, stage_id, stages.RUNNING, pid=os.getpid())
     try:
-        version, metrics = train_plan(db, stage_id, StagePlan.from_json(row["plan"]), stop)
+        done = train_plan(db, stage_id, StagePlan.from_json(row["plan"]), stop, ranks)
     except StageStopped as exc:
-        stages.update_progress(db, stage_id, {"phase": "stopped", "reason": str(exc)})
-        emit("stopped", stage_id=stage_id, reason=str(exc))
+        if ranks.main:
+            stages.update_progress(db, stage_id, {"phase": "stopped", "reason": str(exc)})
+            emit("stopped", stage_id=stage_id, reason=str(exc))
         say(f"stage {stage_id}: {exc}; checkpointed, resumes when started again")
         return EXIT_STOPPED
     except Exception as exc:  # any failure: clean failed state, no adapter
         reason = str(exc) if isinstance(exc, StageFailed) else f"{type(exc).__name__}: {exc}"
-        stages.set_status(db, stage_id, stages.FAILED, reason=reason)
-        emit("failed", stage_id=stage_id, reason=reason)
-        say(f"stage {stage_id}: failed: {reason}")
+        if ranks.main:
+            stages.set_status(db, stage_id, stages.FAILED, reason=reason)
+            emit("failed", stage_id=stage_id, reason=reason)
+        say(f"stage {stage_id}: failed (rank {ranks.rank}): {reason}")
         return EXIT_FAILED
-    emit("done", stage_id=stage_id, status=stages.EVALUATED, version=version, metrics=metrics)
+    if done is not None:
+        version, metrics = done
+        emit("done", stage_id=stage_id, status=stages.EVALUATED, version=version, metrics=metrics)
     return EXIT_OK
 
 
@@ -164,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--db", help="Path of the store (evergreen.db).")
     where.add_argument("--state-dir", help="State dir holding evergreen.db.")
     args = ap.parse_args(argv)
+    placed = placement.apply_from_env()  # before torch starts its threads
     if args.wait:
         args.stage_id = warm.wait_for_stage()
         if args.stage_id is None:
@@ -173,9 +213,13 @@ def main(argv: list[str] | None = None) -> int:
         emit("error", message=f"no store at {db_path}")
         return EXIT_FAILED
     db = open_db(db_path)
+    ranks = distributed.setup()
+    where_ = f"rank {ranks.rank}/{ranks.world}, " if ranks.active else ""
+    say(f"stage {args.stage_id}: {where_}{placed}")
     try:
-        return run(db, args.stage_id)
+        return run(db, args.stage_id, ranks)
     finally:
+        ranks.close()
         db.conn.close()
 
 

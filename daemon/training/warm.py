@@ -47,7 +47,10 @@ class WarmTrainer:
         self._retry_at = 0.0
 
     def prewarm(self) -> None:
-        """Start a warm process unless one is already alive."""
+        """Start a warm process unless one is already alive (none under torchrun: its
+        ranks start together with their stage, see README)."""
+        if self.cfg.training.launcher != "local":
+            return
         with self._lock:
             if self._proc is not None:
                 rc = self._proc.poll()
