@@ -108,6 +108,7 @@ class Reporter:
                 "total": total,
                 "loss": loss,
                 "lr": lr,
+                "tokens": tokens,
                 "tokens_per_s": round(tok_s, 1),
                 "eta_s": round(eta, 1) if eta is not None else None,
                 "phase": "train",
