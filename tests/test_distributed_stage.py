@@ -145,3 +145,26 @@ def test_a_killed_rank_fails_the_stage_cleanly_and_the_next_stage_runs(
     assert res2.status == "promoted", res2
     assert res2.metrics["training"]["processes"] == 2
     db.conn.close()
+
+
+def test_a_stopped_torchrun_stage_checkpoints_and_resumes(
+    tmp_path: Path, tiny_seed_model: Path
+) -> None:
+    cfg = _cfg(tmp_path, tiny_seed_model, "torchrun", epochs=30.0)
+    db = open_db(cfg.db_path)
+    add_doc(db, FACTS[:6], holdout=FACTS[6:])
+    stop = threading.Event()
+
+    def on_progress(msg: dict) -> None:
+        if (msg.get("step") or 0) >= 2:
+            stop.set()
+
+    res = runner.run_stage(cfg, db, promote=_promote(cfg), on_progress=on_progress, stop_event=stop)
+    assert res.status == "interrupted", res
+    assert stages.get(db, res.stage_id)["status"] == "running"
+    assert (cfg.stages_dir / str(res.stage_id) / "checkpoint" / "state.pt").is_file()
+    (out,) = runner.resume_or_fail_running(cfg, db, promote=_promote(cfg))
+    assert out.status == "promoted", out
+    t = out.metrics["training"]
+    assert t["resumed_from_step"] >= 2 and t["steps"] == t["total_steps"]
+    db.conn.close()
