@@ -43,7 +43,9 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    tok.post_processor = bos_post_processor(tok.token_to_id(BOS))
+    bos_id = tok.token_to_id(BOS)
+    assert bos_id is not None  # a special token of the trainer: always in the vocabulary
+    tok.post_processor = bos_post_processor(bos_id)
     return tok
 
 
