@@ -80,9 +80,11 @@ class TrainingConfig(Section):
     )
     lora_alpha: int = num(32, 1, 4096, "LoRA alpha.")
     lora_dropout: float = num(0.0, 0, 0.9, "LoRA dropout.")
-    target_modules: list[str] = opt(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "Modules that get LoRA weights (attention and MLP by default).",
+    target_modules: Literal["auto"] | list[str] = opt(
+        "auto",
+        "Modules that get LoRA weights: 'auto' = every linear layer of the decoder blocks "
+        "(attention and MLP, whatever the family names them; never embeddings or lm_head), "
+        "or a list of module names, each of which must exist in the base model.",
     )
     learning_rate: float = num(4e-3, 1e-7, 1.0, "Peak learning rate (warmup then cosine).")
     warmup_ratio: float = num(0.05, 0, 0.5, "Share of steps used for LR warmup.")
@@ -147,6 +149,13 @@ class TrainingConfig(Section):
     stage_timeout_s: float = num(
         3600.0, 1, 7 * DAY_S, "A stage running longer than this is stopped and failed."
     )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _target_modules(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and (not value or not all(n.strip() for n in value)):
+            raise ValueError("must be 'auto' or a non-empty list of non-empty module names")
+        return value
 
 
 class SeedConfig(Section):
