@@ -90,6 +90,29 @@ def check_tokenizer(path: str, config: Any) -> list[Finding]:
     return out
 
 
+def _vllm_class(registry: Any, version: str, architectures: list[str]) -> Any:
+    """``(arch, class)`` of the first architecture vLLM implements, or a problem finding."""
+    supported = set(registry.get_supported_archs())
+    arch = next((a for a in architectures if a in supported), None)
+    if arch is None:
+        return finding(
+            "vllm",
+            "problem",
+            f"vLLM {version} has no model class for {', '.join(architectures)}",
+            "vLLM cannot serve it: pick a base model of an architecture vLLM implements"
+            " (Llama, Qwen2/3, Gemma, Mistral, Phi-3, ...), or a vLLM version that has it",
+        )
+    try:
+        return arch, registry.models[arch].load_model_cls()
+    except Exception as exc:  # its module needs a package this install lacks
+        return finding(
+            "vllm",
+            "problem",
+            f"vLLM {version} cannot load its class for {arch} ({_first_line(exc)})",
+            "install what the error names, or pick another base model",
+        )
+
+
 def check_vllm(architectures: list[str]) -> list[Finding]:
     """vLLM implements one of the config's architectures, and LoRA on it."""
     try:
@@ -107,29 +130,10 @@ def check_vllm(architectures: list[str]) -> list[Finding]:
                 "install it: pip install -e '.[cpu]' on a CPU machine, '.[gpu]' on a GPU one",
             )
         ]
-    supported = set(ModelRegistry.get_supported_archs())
-    arch = next((a for a in architectures if a in supported), None)
-    if arch is None:
-        return [
-            finding(
-                "vllm",
-                "problem",
-                f"vLLM {vllm_version} has no model class for {', '.join(architectures)}",
-                "vLLM cannot serve it: pick a base model of an architecture vLLM supports"
-                " (README: model families), or a vLLM version that has it",
-            )
-        ]
-    try:
-        cls = ModelRegistry.models[arch].load_model_cls()
-    except Exception as exc:  # its module needs a package this install lacks
-        return [
-            finding(
-                "vllm",
-                "problem",
-                f"vLLM {vllm_version} cannot load its class for {arch} ({_first_line(exc)})",
-                "install what the error names, or pick another base model",
-            )
-        ]
+    found = _vllm_class(ModelRegistry, vllm_version, architectures)
+    if isinstance(found, dict):
+        return [found]
+    arch, cls = found
     if not is_text_generation_model(cls):
         return [
             finding(
@@ -149,7 +153,7 @@ def check_vllm(architectures: list[str]) -> list[Finding]:
                 "problem",
                 f"vLLM {vllm_version} cannot serve LoRA adapters on {arch}",
                 "Evergreen serves what it trains as LoRA adapters: pick a base model of a"
-                " family vLLM supports LoRA on (README: model families)",
+                " family vLLM serves LoRA on (Llama, Qwen2/3, Gemma, Mistral, Phi-3, ...)",
             )
         )
     return out
