@@ -86,7 +86,8 @@ def query_nvidia_smi(run: Runner = _run_nvidia_smi, visible: str | None = None) 
 
     ``visible`` is ``$CUDA_VISIBLE_DEVICES`` (read from the environment when None): empty
     or ``-1`` hides every GPU; otherwise its first entry (an index or a UUID) picks the
-    GPU. No ``nvidia-smi``, or one that fails, means no GPU.
+    GPU (an id nvidia-smi does not list, such as a MIG instance's, counts as the first
+    GPU). No ``nvidia-smi``, or one that fails, means no GPU.
     """
     visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
     first = visible.split(",")[0].strip() if visible is not None else None
@@ -99,7 +100,10 @@ def query_nvidia_smi(run: Runner = _run_nvidia_smi, visible: str | None = None) 
     rows = [[f.strip() for f in line.split(",")] for line in out.splitlines() if line.strip()]
     rows = [r for r in rows if len(r) == 4]
     if first is not None:
-        rows = [r for r in rows if first in (r[0], r[1]) or r[1].startswith(first)]
+        chosen = [r for r in rows if first in (r[0], r[1]) or r[1].startswith(first)]
+        # A MIG instance ("MIG-...") is not listed: it has its parent's capabilities,
+        # and one box's GPUs are alike. An index that is not there hides every GPU.
+        rows = chosen or ([] if first.isdigit() else rows[:1])
     if not rows:
         return CPU
     _, _, name, cap = rows[0]

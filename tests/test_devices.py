@@ -86,6 +86,8 @@ def test_nvidia_smi_query_follows_cuda_visible_devices() -> None:
     assert query_nvidia_smi(run, visible="-1") == NO_GPU
     assert len(calls) == n  # hidden GPUs are not even asked about
     assert query_nvidia_smi(run, visible="7") == NO_GPU  # no such GPU
+    mig = query_nvidia_smi(run, visible="MIG-0b7a2c3d-aaaa")  # a MIG slice of a listed GPU
+    assert mig == Accelerator(True, False, "Tesla T4")
 
 
 def test_nvidia_smi_query_reads_cuda_visible_devices_from_the_env(
