@@ -266,3 +266,10 @@ def test_start_up_check_refuses_targets_the_model_lacks(
     assert "targets: no LoRA targets (configured)" in text and "qkv_proj" in text
     assert "-> set training.target_modules" in text
     assert not (tmp_path / "state" / "modelcheck.json").exists()  # a failure is not cached
+
+
+def test_a_probe_that_crashes_is_one_problem_line(tmp_path: Path) -> None:
+    (found,) = modelcheck.run_probe([tmp_path], "auto")[str(tmp_path)]  # no config.json
+    assert (found.check, found.status) == ("check", "problem")
+    assert found.detail.startswith("the model check crashed (exit 1: FileNotFoundError")
+    assert "modelprobe PATH" in found.fix

@@ -197,7 +197,7 @@ def run_probe(
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         why = f"the model check crashed (exit {proc.returncode}: {tail})"
-        fix = "run `evergreen --debug check-model PATH` and report the error"
+        fix = "run `python -m daemon.training.modelprobe PATH` to see the whole error"
         return {str(p): [Finding("check", "problem", why, fix)] for p in paths}
     raw: dict[str, list[dict[str, str]]] = json.loads(lines[-1])
     return {p: [Finding(**f) for f in found] for p, found in raw.items()}
