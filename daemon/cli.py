@@ -255,6 +255,19 @@ def seed_model(ctx: click.Context, force: bool) -> None:
     console.print(f"seed model ready: {path}", highlight=False)
 
 
+@main.command("check-model")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
+def check_model(paths: tuple[str, ...], as_json: bool) -> None:
+    """Check base model dirs: config, tokenizer, safetensors weights, chat template, vLLM's
+    support for the architecture and LoRA on it, and the modules LoRA `auto` picks.
+
+    Exit 0 when every check passes; 1 on a problem (each says what to do)."""
+    from daemon.training.modelcheck import main as check_main
+
+    sys.exit(check_main(list(paths), as_json=as_json))
+
+
 @main.command()
 @click.option(
     "--now",

@@ -33,6 +33,7 @@ from daemon.serving.client import (
     VLLMError,
     is_loopback,
 )
+from daemon.serving.dtype import dtype_args
 from daemon.serving.engine import EngineWatch, died_in_log
 from daemon.serving.procs import group_alive, kill_stale_group, port_in_use, write_atomic
 from daemon.serving.vllm_guard import SECRET_ENV
@@ -135,6 +136,7 @@ class ManagedVLLM:
             str(max(sc.max_cpu_loras, sc.max_loras)),
             "--max-model-len",
             str(sc.max_model_len),
+            *dtype_args(sc, self.environment()),
             *[str(a) for a in sc.extra_args],
         ]
 
