@@ -34,6 +34,7 @@ from daemon import config as config_mod  # noqa: E402
 from daemon.serving import promotion  # noqa: E402
 from daemon.training import finish, runner  # noqa: E402
 from daemon.training.seed import ensure_seed_model  # noqa: E402
+from daemon.training.targets import resolve_targets  # noqa: E402
 from policies.replay import DEFAULT_RATIO  # noqa: E402
 from store import documents  # noqa: E402
 from store.db import open_db  # noqa: E402
@@ -466,7 +467,7 @@ def speed_hf_trainer(base: Path, work: Path, docs: list[str], training: dict, ba
             r=training["lora_rank"],
             lora_alpha=training["lora_alpha"],
             lora_dropout=0.0,
-            target_modules=list(config_mod.TrainingConfig().target_modules),  # as our stage
+            target_modules=resolve_targets(model, config_mod.TrainingConfig().target_modules),
             task_type="CAUSAL_LM",
         ),
     )

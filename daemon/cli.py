@@ -27,6 +27,7 @@ from daemon import config as config_mod
 from daemon.config import Config, ConfigError
 from daemon.errors import EvergreenError
 from daemon.private_files import private_umask
+from daemon.scheduling.placement import for_config as placement_for
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -174,9 +175,7 @@ def config_show(ctx: click.Context, as_json: bool, keys: bool) -> None:
         _print_json(config_mod.to_dict(cfg))
     else:
         click.echo(config_mod.to_toml(cfg), nl=False)
-        from daemon.scheduling import placement
-
-        click.echo(f"# on this machine, {placement.for_config(cfg).describe()}")
+        click.echo(f"# on this machine, {placement_for(cfg).describe()}")
 
 
 @config_group.command("check")
@@ -256,6 +255,19 @@ def seed_model(ctx: click.Context, force: bool) -> None:
     else:  # a cached build, or a new one published atomically: what the daemon itself runs
         path = ensure_seed_model(cfg, progress=True)
     console.print(f"seed model ready: {path}", highlight=False)
+
+
+@main.command("check-model")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
+def check_model(paths: tuple[str, ...], as_json: bool) -> None:
+    """Check base model dirs: config, tokenizer, safetensors weights, chat template, vLLM's
+    support for the architecture and LoRA on it, and the modules LoRA `auto` picks.
+
+    Exit 0 when every check passes; 1 on a problem (each says what to do)."""
+    from daemon.training.modelcheck import main as check_main
+
+    sys.exit(check_main(list(paths), as_json=as_json))
 
 
 @main.command()

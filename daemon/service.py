@@ -51,6 +51,7 @@ from daemon.serving.promotion import Promotion
 from daemon.serving.swap import Swapper, SwapResult
 from daemon.serving.vllm import ManagedVLLM
 from daemon.status import collect
+from daemon.training import modelcheck
 from daemon.worker import StageWorker
 from store import adapters, documents, files, stages
 from store.contracts import StageResult
@@ -140,23 +141,24 @@ class Service:
         return path
 
     def _ensure_base_model(self, cfg_file: Path) -> None:
+        """The base model exists (the seed is built when none is configured) and passes
+        ``evergreen check-model`` (cached once it passed): else one line, exit 1."""
         base = self.cfg.resolved_base_model()
-        if self.cfg.base_model:
-            if not (base / "config.json").exists():
-                raise ServiceError(
-                    f"base_model {base} is not a Hugging Face model directory (no config.json)"
-                )
-            return
-        if (base / "config.json").exists():
-            return
-        log.info("no base model configured: building the seed model into %s", base)
-        self.notifier.status("building the seed model")
-        proc = subprocess.run(
-            [sys.executable, "-m", "daemon", "--config", str(cfg_file), "seed-model"],
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise ServiceError(f"seed model build failed (exit {proc.returncode})")
+        if self.cfg.base_model and not (base / "config.json").exists():
+            raise ServiceError(
+                f"base_model {base} is not a Hugging Face model directory (no config.json)"
+            )
+        if not (base / "config.json").exists():
+            log.info("no base model configured: building the seed model into %s", base)
+            self.notifier.status("building the seed model")
+            proc = subprocess.run(
+                [sys.executable, "-m", "daemon", "--config", str(cfg_file), "seed-model"],
+                check=False,
+            )
+            if proc.returncode != 0:
+                raise ServiceError(f"seed model build failed (exit {proc.returncode})")
+        self.notifier.status("checking the base model")
+        modelcheck.require_usable(self.cfg, base)
 
     def _start_serving(self) -> None:
         mode = self.cfg.serving.mode

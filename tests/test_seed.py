@@ -87,3 +87,32 @@ def test_seed_build_is_deterministic_and_cached(tmp_path: Path) -> None:
     assert (paths[0] / MANIFEST).stat().st_mtime_ns == before
     # no temp dirs left behind
     assert [p.name for p in paths[0].parent.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_prompts_start_with_bos_like_training(tiny_seed_model: Path, tmp_path: Path) -> None:
+    """A prompt is tokenized as training examples are (``<s>`` first), once, and a seed
+    built before that rule gets the same tokenizer on its next use."""
+    import shutil
+
+    from tokenizers import Tokenizer, processors
+    from transformers import AutoTokenizer
+
+    from daemon.training import seed_data
+
+    tok = AutoTokenizer.from_pretrained(tiny_seed_model)
+    bos = tok.bos_token_id
+    ids = tok("The harbour")["input_ids"]
+    assert ids[0] == bos and ids[1:] == tok("The harbour", add_special_tokens=False)["input_ids"]
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True)
+    chat_ids = chat["input_ids"] if hasattr(chat, "keys") else chat
+    assert list(chat_ids).count(bos) == 1
+
+    old = tmp_path / "old-seed"
+    shutil.copytree(tiny_seed_model, old)
+    raw = Tokenizer.from_file(str(old / "tokenizer.json"))
+    raw.post_processor = processors.ByteLevel(trim_offsets=False)
+    raw.save(str(old / "tokenizer.json"))
+    assert AutoTokenizer.from_pretrained(old)("The harbour")["input_ids"][0] != bos
+    assert seed_data.ensure_bos_on_prompts(old) is True
+    assert seed_data.ensure_bos_on_prompts(old) is False  # idempotent
+    assert AutoTokenizer.from_pretrained(old)("The harbour")["input_ids"] == ids

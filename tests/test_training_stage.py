@@ -18,8 +18,8 @@ import pytest
 
 from daemon.config import Config
 from daemon.serving import promotion
+from daemon.training import foreground, runner, scoring, spawn
 from daemon.training import plan as plan_mod
-from daemon.training import runner, scoring, spawn
 from daemon.training.finish import PromoteFn
 from daemon.training.warm import WarmTrainer
 from store import adapters, documents, stages
@@ -177,8 +177,11 @@ def test_kill9_mid_stage_then_resume(tmp_path: Path, tiny_seed_model: Path) -> N
     assert row["progress"]["step"] < row["progress"]["total"]
     assert not (cfg.adapters_dir / "v0001").exists()
 
-    res = runner.run_stage(cfg, db, promote=_promote(cfg), stage_id=sid)
-    assert res.status == "promoted", res
+    # `evergreen train --now` finishes the interrupted stage instead of planning another
+    # one on the same chunks (which would train them twice).
+    res = foreground.train_now(cfg, promote=_promote(cfg), progress=False)
+    assert res.stage_id == sid and res.status == "promoted", res
+    assert [r["id"] for r in stages.list_stages(db, cfg.track)] == [sid]
     assert res.metrics["training"]["resumed_from_step"] >= 3
     assert res.metrics["training"]["steps"] == res.metrics["training"]["total_steps"]
     PeftModel.from_pretrained(

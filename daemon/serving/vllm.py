@@ -34,6 +34,7 @@ from daemon.serving.client import (
     VLLMError,
     is_loopback,
 )
+from daemon.serving.dtype import dtype_args
 from daemon.serving.engine import EngineWatch, died_in_log
 from daemon.serving.procs import group_alive, kill_stale_group, port_in_use, write_atomic
 from daemon.serving.vllm_guard import SECRET_ENV
@@ -139,6 +140,7 @@ class ManagedVLLM:
             "--max-model-len",
             str(sc.max_model_len),
             *self.placement.serving_args([str(a) for a in sc.extra_args]),
+            *dtype_args(sc, self.environment()),
             *[str(a) for a in sc.extra_args],
         ]
 
@@ -201,10 +203,9 @@ class ManagedVLLM:
 
     def _pin(self, pid: int) -> None:
         """vLLM's processes (the engine inherits it) on its cores too; best effort."""
-        cpus = self.placement.serving_cpus if self.placement.enabled else ()
-        if cpus:
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(pid, cpus)
+        with contextlib.suppress(OSError):
+            if self.placement.enabled and self.placement.serving_cpus:
+                os.sched_setaffinity(pid, self.placement.serving_cpus)
 
     @property
     def pgid_path(self) -> Path:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import sqlite_utils
+
 from daemon.config import Config
 from daemon.training.finish import PromoteFn
-from daemon.training.runner import run_stage
+from daemon.training.runner import resume_or_fail_running, run_stage
 from store.contracts import StageResult
 from store.db import open_db
 
@@ -21,11 +23,22 @@ def train_now(cfg: Config, *, promote: PromoteFn, progress: bool = True) -> Stag
     db = open_db(cfg.db_path)
     try:
         if not progress:
-            return run_stage(cfg, db, promote=promote)
+            return _resume_or_run(cfg, db, promote, None)
         with ProgressBar() as bar:
-            return run_stage(cfg, db, promote=promote, on_progress=bar.update)
+            return _resume_or_run(cfg, db, promote, bar.update)
     finally:
         db.conn.close()
+
+
+def _resume_or_run(
+    cfg: Config, db: sqlite_utils.Database, promote: PromoteFn, on_progress: Any
+) -> StageResult:
+    """A stage a stopped daemon left unfinished is finished first (as the daemon would on
+    start): planning a new one would train its chunks twice, once in each stage."""
+    resumed = resume_or_fail_running(cfg, db, promote=promote, on_progress=on_progress)
+    if resumed:
+        return resumed[-1]
+    return run_stage(cfg, db, promote=promote, on_progress=on_progress)
 
 
 class ProgressBar:

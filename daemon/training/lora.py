@@ -2,7 +2,8 @@
 
 A stage continues from its plan's ``init_adapter`` (the parent adapter, or a configured
 starting adapter) so knowledge accumulates across stages; only the first stage of a
-track creates a fresh LoRA, on the configured target modules that the model really has.
+track creates a fresh LoRA, on ``training.target_modules`` resolved for this model
+(:mod:`~daemon.training.targets`: ``auto``, or a checked explicit list).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from daemon.config import TrainingConfig
-from daemon.training.report import StageFailed
+from daemon.training.targets import resolve_targets
 from store.contracts import StagePlan
 
 
@@ -51,15 +52,11 @@ def with_lora(model: Any, init_adapter: str, hp: TrainingConfig) -> Any:
 
     if init_adapter:
         return PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
-    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    targets = [t for t in hp.target_modules if t in present]
-    if not targets:
-        raise StageFailed(f"none of the LoRA target modules {hp.target_modules} exist")
     cfg = LoraConfig(
         r=hp.lora_rank,
         lora_alpha=hp.lora_alpha,
         lora_dropout=hp.lora_dropout,
-        target_modules=targets,
+        target_modules=resolve_targets(model, hp.target_modules),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, cfg)

@@ -2,7 +2,9 @@
 
 The adapter (safetensors only) and its ``manifest.json`` are written to a temp dir,
 fsynced, and renamed into place, so vLLM, the swapper and a crashed-then-resumed stage
-never see half an adapter. The manifest records everything needed to know where the
+never see half an adapter. Its weights are float32 whatever the stage computed in (a
+stage on a bf16 GPU, see :mod:`daemon.devices`): vLLM loads float32 LoRA weights into
+any serving dtype, and a warm start from it loses nothing. The manifest records everything needed to know where the
 adapter came from: lineage, data, recipe, training stats and evaluation metrics.
 """
 
@@ -20,6 +22,8 @@ from daemon.training import fsutil
 from daemon.training.report import StageFailed
 from store import adapters
 from store.contracts import StagePlan
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # what PEFT writes and vLLM reads
 
 
 def publish(
@@ -42,6 +46,7 @@ def publish(
     tmp = fsutil.make_temp_dir(final)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        as_float32(tmp / ADAPTER_WEIGHTS)
         acfg = _point_at_base(tmp / "adapter_config.json", plan.base_model)
         info = {"data_stats": data_stats, "training": train_stats, "metrics": metrics}
         fsutil.write_json(tmp / "manifest.json", manifest(plan, stage_id, acfg, **info))
@@ -50,6 +55,18 @@ def publish(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def as_float32(path: Path) -> None:
+    """Rewrite the safetensors file at ``path`` with every floating tensor in float32."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    if all(t.dtype == torch.float32 or not t.is_floating_point() for t in tensors.values()):
+        return
+    cast = {k: t.float() if t.is_floating_point() else t for k, t in tensors.items()}
+    save_file(cast, str(path), metadata={"format": "pt"})
 
 
 def _point_at_base(cfg_path: Path, base_model: str) -> dict[str, Any]:

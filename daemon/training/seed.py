@@ -60,6 +60,7 @@ def ensure_seed_model(cfg: Config, force: bool = False, progress: bool = False) 
     final = cfg.seed_model_dir
     spec = spec_for(cfg)
     if is_built(final, spec) and not force:
+        seed_data.ensure_bos_on_prompts(final)
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     with _lock(final.parent / f".{final.name}.lock"):

@@ -8,8 +8,10 @@ the seed model exactly as on any HF chat model.
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from daemon.training import corpus
@@ -28,12 +30,11 @@ CHAT_TEMPLATE = (
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
     """A byte-level BPE (GPT-2 style) whose specials come first: <s>=0, </s>=1, <pad>=2."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=2,
@@ -42,7 +43,49 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    bos_id = tok.token_to_id(BOS)
+    assert bos_id is not None  # a special token of the trainer: always in the vocabulary
+    tok.post_processor = bos_post_processor(bos_id)
     return tok
+
+
+def bos_post_processor(bos_id: int) -> Any:
+    """Byte-level offsets, then ``<s>`` before the text when special tokens are added.
+
+    Training examples start with ``<s>`` (:func:`daemon.training.data.encode_chunk`, the
+    seed's blocks), so a prompt must too: without it vLLM (and ``tokenizer(text)``) feed
+    the model a first position it never saw in training, and a fact it learned after
+    ``<s>`` or a newline is not recalled at the start of a prompt.
+    """
+    from tokenizers import processors
+
+    return processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+            ),
+        ]
+    )
+
+
+def ensure_bos_on_prompts(model_dir: Path) -> bool:
+    """Give a seed built before :func:`bos_post_processor` existed the same tokenizer
+    (its weights and vocabulary are unchanged); True when the file was rewritten."""
+    from tokenizers import Tokenizer
+
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return False
+    tok = Tokenizer.from_file(str(path))
+    bos_id = tok.token_to_id(BOS)
+    if bos_id is None or tok.encode("a").ids[:1] == [bos_id]:
+        return False
+    tok.post_processor = bos_post_processor(bos_id)
+    tmp = path.with_name(f".tokenizer.json.{os.getpid()}.tmp")
+    tok.save(str(tmp))
+    os.replace(tmp, path)
+    return True
 
 
 def wrap_tokenizer(tok: Any, max_len: int) -> Any:
