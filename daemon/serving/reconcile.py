@@ -1,27 +1,32 @@
 """Reconcile: make each vLLM endpoint serve the store's current adapter again.
 
 Run at startup, every ``serving.reconcile_interval_s`` and right after a managed vLLM
-restart (which loses every loaded adapter). Per endpoint, not all-or-none like a swap: one
-endpoint that is down must not keep the others from being repaired. It never moves the
-store's pointer; it follows it.
+restart (which loses every loaded adapter). First the endpoint set is brought up to date
+(:func:`daemon.serving.fleet.sync`: a replica that joined is reconciled in the same pass).
+Per endpoint and in parallel, not all-or-none like a swap: one endpoint that is down must not
+keep the others from being repaired. It never moves the store's pointer; it follows it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from daemon.serving.adapters import BASE_VERSION, AdapterRejected, adapter_path, served_name
 from daemon.serving.audit import record_event, store_db
 from daemon.serving.client import VLLMClient, VLLMError
+from daemon.serving.fleet import save_replicas
 from store import adapters as store_adapters
 
 if TYPE_CHECKING:
     from daemon.serving.swap import Swapper
 
 log = logging.getLogger(__name__)
+
+MAX_PARALLEL = 32  # endpoints reconciled at once
 
 
 def wanted_version(swapper: Swapper) -> str:
@@ -38,9 +43,19 @@ def reconcile(swapper: Swapper) -> dict[str, str]:
     distinct error (``swap.failed``), not on every period.
     """
     with swapper.lock:
+        swapper.sync_endpoints()  # external mode: the fleet as config, DNS and SIGHUP say now
         want = wanted_version(swapper)
         name = served_name(swapper.cfg, want)
-        return {ep.name: _reconcile_one(swapper, ep, want, name) for ep in swapper.endpoints}
+        endpoints = list(swapper.endpoints)
+        if len(endpoints) <= 1:
+            outcome = {ep.name: _reconcile_one(swapper, ep, want, name) for ep in endpoints}
+        else:  # at once: one slow or down replica must not delay the others
+            workers = min(MAX_PARALLEL, len(endpoints))
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                done = pool.map(lambda ep: _reconcile_one(swapper, ep, want, name), endpoints)
+                outcome = dict(zip((ep.name for ep in endpoints), done, strict=True))
+        save_replicas(swapper.cfg, swapper.replica_rows())
+        return outcome
 
 
 def _reconcile_one(swapper: Swapper, ep: VLLMClient, want: str, name: str) -> str:

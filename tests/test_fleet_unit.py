@@ -1,0 +1,248 @@
+"""The replica fleet without vLLM: endpoints from config, DNS and a reload; swaps over the
+replicas that are up; reconcile of a replica that returns or joins; metrics and status.
+
+The replicas are fake vLLM servers on loopback (``benchmarks/_fake_replica.py``: the routes
+the swapper calls, nothing else) on 127.0.0.1, .2 and .3, one port; the resolver is a
+function the test controls (DNS is the network beyond loopback). The store is real.
+``tests/test_fleet.py`` runs the same paths on three real vLLM servers.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+
+from benchmarks._fake_replica import FakeReplica, write_adapter_files
+from daemon import config as config_mod
+from daemon.config import Config, ConfigError
+from daemon.metrics import Metrics
+from daemon.serving import promotion
+from daemon.serving.apikey import load_or_create_admin_secret
+from daemon.serving.swap import SwapError, Swapper
+from daemon.status import collect, replicas_line
+from store import adapters, events
+from store.db import open_db
+
+HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+
+
+def shared_port() -> int:
+    """A port free on all three loopback addresses."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind((HOSTS[0], 0))
+            port = int(s.getsockname()[1])
+        try:
+            for host in HOSTS[1:]:
+                with socket.socket() as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no port free on 127.0.0.1-3")
+
+
+class Resolver:
+    """A DNS the test edits: ``answer`` is what ``fleet.test`` resolves to now."""
+
+    def __init__(self, answer: list[str]) -> None:
+        self.answer = answer
+        self.fail = False
+        self.calls = 0
+
+    def __call__(self, host: str, port: int) -> list[str]:
+        self.calls += 1
+        if self.fail:
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        assert host == "fleet.test"
+        return list(self.answer)
+
+
+def make_cfg(tmp_path: Path, port: int, **serving: object) -> Config:
+    cfg = config_mod.from_dict(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "serving": {"mode": "external", "reconcile_interval_s": 1.0, **serving},
+        }
+    )
+    write_adapter_files(cfg.serving_dir / "zero-adapter")  # the base stand-in, without torch
+    db = open_db(cfg.db_path)
+    try:
+        for version in ("v0001", "v0002"):
+            path = write_adapter_files(cfg.adapters_dir / version)
+            adapters.register(db, version, str(path), track=cfg.track)
+    finally:
+        db.conn.close()
+    return cfg
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[tuple[Config, list[FakeReplica], Resolver]]:
+    port = shared_port()
+    cfg = make_cfg(tmp_path, port, endpoints_dns=[f"fleet.test:{port}"])
+    secret = load_or_create_admin_secret(cfg)
+    replicas = [FakeReplica(h, port, secret=secret).start() for h in HOSTS]
+    try:
+        yield cfg, replicas, Resolver(list(HOSTS))
+    finally:
+        for r in replicas:
+            r.stop()
+
+
+def stable_path(replica: FakeReplica) -> str | None:
+    return replica.serving("evergreen")
+
+
+def version_dir(cfg: Config, version: str) -> str:
+    return str((cfg.adapters_dir / version).resolve())
+
+
+def current(cfg: Config) -> str | None:
+    db = open_db(cfg.db_path)
+    try:
+        return adapters.current(db, cfg.track)
+    finally:
+        db.conn.close()
+
+
+def test_swap_skips_a_down_replica_and_reconcile_brings_it_back(fleet) -> None:
+    cfg, replicas, resolve = fleet
+    sw = Swapper.from_config(cfg, resolve=resolve)
+    try:
+        assert [ep.name for ep in sw.endpoints] == [f"{h}:{replicas[0].port}" for h in HOSTS]
+        assert set(sw.reconcile().values()) == {"restored"}  # all three to the base stand-in
+        replicas[2].stop()
+        done = promotion.promote(cfg, "v0001", "test", swapper=sw)
+        assert done.swap is not None and done.swap.skipped == [sw.endpoints[2].name]
+        assert "2 of 3 endpoint(s)" in done.message
+        assert current(cfg) == "v0001"
+        assert [stable_path(r) for r in replicas[:2]] == [version_dir(cfg, "v0001")] * 2
+        assert sw.served_version() == "v0001"  # over the replicas that are up
+        replicas[2].start()  # back, empty, like a restarted vLLM
+        outcome = sw.reconcile()
+        assert outcome[sw.endpoints[2].name] == "restored"
+        assert stable_path(replicas[2]) == version_dir(cfg, "v0001")
+        assert sw.reconcile() == {ep.name: "ok" for ep in sw.endpoints}
+        for r in replicas:
+            r.stop()
+        with pytest.raises(SwapError, match="failed at health: no endpoint is up"):
+            promotion.promote(cfg, "v0002", "test", swapper=sw)
+        assert current(cfg) == "v0001"
+    finally:
+        sw.close()
+
+
+def test_a_replica_that_refuses_fails_the_swap_on_all(fleet) -> None:
+    cfg, replicas, resolve = fleet
+    sw = Swapper.from_config(cfg, resolve=resolve)
+    try:
+        promotion.promote(cfg, "v0001", "test", swapper=sw)
+        replicas[1].secret = "another secret"  # its plugin refuses this daemon's loads
+        with pytest.raises(SwapError, match="failed at load"):
+            promotion.promote(cfg, "v0002", "test", swapper=sw)
+        assert current(cfg) == "v0001"
+        assert [stable_path(r) for r in replicas] == [version_dir(cfg, "v0001")] * 3
+        assert all(r.serving("evergreen-v0002") is None for r in replicas)  # loads undone
+    finally:
+        sw.close()
+
+
+def test_dns_changes_join_and_leave_at_the_next_reconcile(fleet) -> None:
+    cfg, replicas, resolve = fleet
+    resolve.answer = [HOSTS[0]]
+    sw = Swapper.from_config(cfg, resolve=resolve)
+    try:
+        promotion.promote(cfg, "v0001", "test", swapper=sw)
+        assert stable_path(replicas[1]) is None
+        resolve.answer = [HOSTS[0], HOSTS[1]]
+        name1 = f"{HOSTS[1]}:{replicas[1].port}"
+        assert sw.reconcile() == {sw.endpoints[0].name: "ok", name1: "restored"}
+        assert stable_path(replicas[1]) == version_dir(cfg, "v0001")
+        resolve.fail = True  # a DNS outage keeps the last answer
+        assert set(sw.reconcile()) == {sw.endpoints[0].name, name1}
+        resolve.fail = False
+        resolve.answer = [HOSTS[1]]
+        assert sw.reconcile() == {name1: "ok"}
+        db = open_db(cfg.db_path)
+        try:
+            changes = events.recent(db, kind_prefix="serving.fleet_changed", limit=5)
+        finally:
+            db.conn.close()
+        assert [e["message"] for e in changes][:2] == [
+            f"left: {HOSTS[0]}:{replicas[0].port}",
+            f"joined: {name1}",
+        ]
+    finally:
+        sw.close()
+
+
+def test_reload_takes_new_endpoints_and_keeps_them_on_a_bad_file(fleet, tmp_path) -> None:
+    cfg, replicas, _ = fleet
+    port = replicas[0].port
+    static = cfg.model_copy(
+        update={
+            "serving": cfg.serving.model_copy(
+                update={"endpoints_dns": [], "endpoints": [f"http://{HOSTS[0]}:{port}"]}
+            )
+        }
+    )
+    sw = Swapper.from_config(static)
+    try:
+        promotion.promote(static, "v0001", "test", swapper=sw)
+        assert sw.fleet is not None
+
+        def bad() -> Config:
+            raise ConfigError("serving.endpoints", "must be a list")
+
+        sw.fleet.request_reload(bad)
+        assert len(sw.reconcile()) == 1
+        new = static.serving.model_copy(
+            update={"endpoints": [f"http://{h}:{port}" for h in HOSTS[:2]], "port": 9}
+        )
+        sw.fleet.request_reload(lambda: static.model_copy(update={"serving": new}))
+        assert list(sw.reconcile().values()) == ["ok", "restored"]
+        assert stable_path(replicas[1]) == version_dir(cfg, "v0001")
+        assert sw.fleet.serving.port == static.serving.port  # only the endpoint keys reload
+    finally:
+        sw.close()
+
+
+def test_metrics_and_status_show_each_replica(fleet) -> None:
+    cfg, replicas, resolve = fleet
+    sw = Swapper.from_config(cfg, resolve=resolve)
+    metrics = Metrics()
+    try:
+        promotion.promote(cfg, "v0001", "test", swapper=sw)
+        replicas[2].stop()
+        sw.reconcile()
+        metrics.set_replicas(sw.replica_rows(), "v0001")
+        text = generate_latest(metrics.registry).decode()
+        n0, n2 = sw.endpoints[0].name, sw.endpoints[2].name
+        assert f'evergreen_replica_up{{endpoint="{n0}"}} 1.0' in text
+        assert f'evergreen_replica_up{{endpoint="{n2}"}} 0.0' in text
+        assert f'evergreen_replica_version_info{{endpoint="{n0}",version="v0001"}} 1.0' in text
+        assert f'endpoint="{n2}",version=' not in text
+        assert "evergreen_replicas_in_line 2.0" in text
+        data = collect(cfg)
+        assert [r["endpoint"] for r in data["replicas"]] == [ep.name for ep in sw.endpoints]
+        assert (
+            replicas_line(data["replicas"], "v0001") == f"3 replica(s): 2 serve v0001; down: {n2}"
+        )
+        resolve.answer = list(HOSTS[:2])  # the down replica leaves DNS: its series go
+        sw.reconcile()
+        metrics.set_replicas(sw.replica_rows(), "v0001")
+        text = generate_latest(metrics.registry).decode()
+        assert n2 not in text
+    finally:
+        sw.close()
+
+
+def test_endpoints_dns_needs_a_port() -> None:
+    with pytest.raises(ConfigError, match=r"serving\.endpoints_dns"):
+        config_mod.from_dict({"serving": {"endpoints_dns": ["vllm.internal"]}})
+    ok = config_mod.from_dict({"serving": {"endpoints_dns": ["https://vllm.internal:8443"]}})
+    assert ok.serving.endpoints_dns == ["https://vllm.internal:8443"]
