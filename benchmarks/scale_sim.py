@@ -15,7 +15,7 @@ planning a stage (``plan_stage``: pending listing, selection, replay candidates 
 sampling), a dedup lookup by content hash (ingest's per-file query), and the cost of
 recording a trained stage. It reports each, the fill rate and the database size.
 
-**Fan-out.** 50 fake vLLM replicas on loopback (``benchmarks/_fake_replica.py``: the routes
+**Fan-out.** 50 fake vLLM replicas on loopback (``tests/fake_replica.py``: the routes
 the swapper uses, with log-normal latencies: LoRA load 150 ms, 8-token smoke completion
 40 ms, control routes 2 ms; a fake of a remote fleet, the one fake allowed) and the daemon's
 :class:`Swapper` in external mode: promotions (health, load + smoke, flip, verify, pointer
@@ -43,7 +43,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import add_smoke_flag, report  # noqa: E402
-from benchmarks._fake_replica import FakeReplica, Latency, write_adapter_files  # noqa: E402
 from daemon import config as config_mod  # noqa: E402
 from daemon.config import Config  # noqa: E402
 from daemon.scheduling.decisions import explain_next  # noqa: E402
@@ -55,6 +54,7 @@ from daemon.serving.swap import Swapper  # noqa: E402
 from daemon.status import collect  # noqa: E402
 from store import adapters, documents, files  # noqa: E402
 from store.db import open_db, transaction  # noqa: E402
+from tests.fake_replica import FakeReplica, Latency, write_adapter_files  # noqa: E402
 
 FIELDS = (
     "documents",

@@ -47,6 +47,7 @@ from daemon.notify import Notifier
 from daemon.private_files import private_umask, write_private
 from daemon.scheduling.schedule import start_scheduler
 from daemon.serving import promotion
+from daemon.serving.fleet import Resolver, resolve_addresses
 from daemon.serving.promotion import Promotion
 from daemon.serving.swap import Swapper, SwapResult
 from daemon.serving.vllm import ManagedVLLM
@@ -77,9 +78,16 @@ class Service:
     """Wires the store, watcher, scheduler, stage worker, vLLM, swapper and HTTP together."""
 
     def __init__(
-        self, cfg: Config, *, training: bool = True, notifier: Notifier | None = None
+        self,
+        cfg: Config,
+        *,
+        training: bool = True,
+        notifier: Notifier | None = None,
+        resolve: Resolver = resolve_addresses,
     ) -> None:
+        """``resolve``: how ``serving.endpoints_dns`` names become addresses (tests fake it)."""
         self.cfg = cfg
+        self.resolve = resolve
         self.training = training
         self.metrics = Metrics()
         self.notifier = notifier or Notifier()
@@ -180,7 +188,7 @@ class Service:
                 )
             self.swapper = Swapper(self.cfg, [self.managed.endpoint], on_swap=self.on_swap)
         else:
-            self.swapper = Swapper.from_config(self.cfg, on_swap=self.on_swap)
+            self.swapper = Swapper.from_config(self.cfg, on_swap=self.on_swap, resolve=self.resolve)
         self.swapper.reconcile()
 
     def _start_metrics(self) -> None:

@@ -1,7 +1,7 @@
 """The replica fleet without vLLM: endpoints from config, DNS and a reload; swaps over the
 replicas that are up; reconcile of a replica that returns or joins; metrics and status.
 
-The replicas are fake vLLM servers on loopback (``benchmarks/_fake_replica.py``: the routes
+The replicas are fake vLLM servers on loopback (``tests/fake_replica.py``: the routes
 the swapper calls, nothing else) on 127.0.0.1, .2 and .3, one port; the resolver is a
 function the test controls (DNS is the network beyond loopback). The store is real.
 ``tests/test_fleet.py`` runs the same paths on three real vLLM servers.
@@ -9,14 +9,19 @@ function the test controls (DNS is the network beyond loopback). The store is re
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import socket
-from collections.abc import Iterator
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from prometheus_client import generate_latest
 
-from benchmarks._fake_replica import FakeReplica, write_adapter_files
 from daemon import config as config_mod
 from daemon.config import Config, ConfigError
 from daemon.metrics import Metrics
@@ -26,6 +31,8 @@ from daemon.serving.swap import SwapError, Swapper
 from daemon.status import collect, replicas_line
 from store import adapters, events
 from store.db import open_db
+from tests.fake_replica import FakeReplica, write_adapter_files
+from tests.harness import free_port, scrape, to_toml
 
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 
@@ -246,3 +253,63 @@ def test_endpoints_dns_needs_a_port() -> None:
         config_mod.from_dict({"serving": {"endpoints_dns": ["vllm.internal"]}})
     ok = config_mod.from_dict({"serving": {"endpoints_dns": ["https://vllm.internal:8443"]}})
     assert ok.serving.endpoints_dns == ["https://vllm.internal:8443"]
+
+
+def test_sighup_to_the_daemon_adds_a_replica(tmp_path: Path) -> None:
+    """`evergreen serve` (external mode, a real daemon process): a replica added to the
+    config file joins on SIGHUP, is served the current adapter, and shows in /metrics."""
+    port, metrics_port = shared_port(), free_port()
+    cfg = make_cfg(tmp_path, port)
+    secret = load_or_create_admin_secret(cfg)
+    replicas = [FakeReplica(h, port, secret=secret).start() for h in HOSTS[:2]]
+    conf = tmp_path / "evergreen.toml"
+
+    def write(urls: list[str]) -> None:
+        serving = {"mode": "external", "endpoints": urls, "reconcile_interval_s": 0.5}
+        data = {"state_dir": cfg.state_dir, "serving": serving, "metrics": {"port": metrics_port}}
+        conf.write_text(to_toml(data), encoding="utf-8")
+
+    write([replicas[0].url])
+    log = (tmp_path / "daemon.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "--config", str(conf), "serve"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    zero = str(cfg.serving_dir.joinpath("zero-adapter").resolve())
+    try:
+        wait_until(lambda: stable_path(replicas[0]) == zero, proc, tmp_path)
+        write([r.url for r in replicas])
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: stable_path(replicas[1]) == zero, proc, tmp_path)
+        name1 = f"{HOSTS[1]}:{port}"
+        wait_until(
+            lambda: (
+                scrape(url).get(f"evergreen_replica_version_info{{endpoint={name1},version=base}}")
+                == 1
+            ),
+            proc,
+            tmp_path,
+        )
+        assert scrape(url)["evergreen_replicas_in_line"] == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+        log.close()
+        for r in replicas:
+            r.stop()
+    assert code == 0, (tmp_path / "daemon.log").read_text()
+    assert "config reloaded" in (tmp_path / "daemon.log").read_text()
+
+
+def wait_until(predicate: Callable[[], bool], proc: subprocess.Popen, tmp: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"daemon exited: {(tmp / 'daemon.log').read_text()[-3000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if predicate():
+                return
+        time.sleep(0.1)
+    pytest.fail(f"condition not met in 30 s: {(tmp / 'daemon.log').read_text()[-3000:]}")

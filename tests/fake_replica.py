@@ -1,9 +1,10 @@
 """A fake vLLM replica on loopback: the routes the swapper calls, with simulated latency.
 
-Not a benchmark (``make bench-smoke`` skips ``_*.py``). ``benchmarks/scale_sim.py`` starts 50
-of these to time the swap fan-out and the reconcile of a fleet that is not on this machine,
-and ``tests/test_fleet_unit.py`` uses a few for the fleet logic without starting vLLM. A fake
-of a *remote* fleet is the one fake the project allows (the network beyond loopback).
+Test infrastructure (benchmarks import tests' helpers, never the other way round):
+``tests/test_fleet_unit.py`` uses a few for the fleet logic without starting vLLM, and
+``benchmarks/scale_sim.py`` starts 50 to time the swap fan-out and the reconcile of a fleet
+that is not on this machine. A fake of a *remote* fleet is the one fake the project allows
+(the network beyond loopback).
 
 Routes (as vLLM + the evergreen plugin answer them): ``GET /health``, ``GET
 /v1/evergreen/aliases``, ``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter``,
