@@ -84,6 +84,7 @@ FIELDS = (
     "swaps",
     "swap_p50_s",
     "swap_p99_s",
+    "swap_step_p50_s",
     "reconcile_in_line_s",
     "reconcile_restore_s",
     "restored_replicas",
@@ -337,11 +338,12 @@ def run_fanout(state: Path, n_replicas: int, n_swaps: int) -> dict[str, Any]:
     sw = Swapper.from_config(cfg)
     try:
         sw.reconcile()  # every replica to the base stand-in first
-        seconds = []
+        seconds, steps = [], []
         for v in versions:
             done = promotion.promote(cfg, v, "scale sim", swapper=sw)
             assert done.swap is not None and not done.swap.skipped
             seconds.append(done.swap.seconds)
+            steps.append(done.swap.stages)
         in_line, outcome = timed_reconcile(sw, reconcile_mod.MAX_PARALLEL)
         assert set(outcome.values()) == {"ok"}, outcome
         base_in_line, _ = timed_reconcile(sw, 1)
@@ -360,6 +362,7 @@ def run_fanout(state: Path, n_replicas: int, n_swaps: int) -> dict[str, Any]:
         "swaps": len(seconds),
         "swap_p50_s": round(statistics.median(seconds), 3),
         "swap_p99_s": round(q[98] if len(q) > 98 else max(seconds), 3),
+        "swap_step_p50_s": {k: round(statistics.median(s[k] for s in steps), 4) for k in steps[0]},
         "reconcile_in_line_s": round(in_line, 3),
         "reconcile_restore_s": round(restore, 3),
         "restored_replicas": restored,

@@ -47,18 +47,32 @@ def reconcile(swapper: Swapper) -> dict[str, str]:
         want = wanted_version(swapper)
         name = served_name(swapper.cfg, want)
         endpoints = list(swapper.endpoints)
+        target = _target(swapper, want) if endpoints else None  # once, not per replica
+
+        def one(ep: VLLMClient) -> str:
+            return _reconcile_one(swapper, ep, want, name, target)
+
         if len(endpoints) <= 1:
-            outcome = {ep.name: _reconcile_one(swapper, ep, want, name) for ep in endpoints}
+            outcome = {ep.name: one(ep) for ep in endpoints}
         else:  # at once: one slow or down replica must not delay the others
-            workers = min(MAX_PARALLEL, len(endpoints))
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                done = pool.map(lambda ep: _reconcile_one(swapper, ep, want, name), endpoints)
-                outcome = dict(zip((ep.name for ep in endpoints), done, strict=True))
+            with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(endpoints))) as pool:
+                names = [ep.name for ep in endpoints]
+                outcome = dict(zip(names, pool.map(one, endpoints), strict=True))
         save_replicas(swapper.cfg, swapper.replica_rows())
         return outcome
 
 
-def _reconcile_one(swapper: Swapper, ep: VLLMClient, want: str, name: str) -> str:
+def _target(swapper: Swapper, want: str) -> Path | Exception:
+    """The checked dir of ``want`` (built once for ``base``), or why it cannot be served."""
+    try:
+        return swapper.target(want)
+    except (AdapterRejected, OSError) as exc:
+        return exc
+
+
+def _reconcile_one(
+    swapper: Swapper, ep: VLLMClient, want: str, name: str, target: Path | Exception | None
+) -> str:
     st = swapper.states[ep.name]
     st.checked_at = time.time()
     if not ep.health():
@@ -69,7 +83,9 @@ def _reconcile_one(swapper: Swapper, ep: VLLMClient, want: str, name: str) -> st
         registry = ep.aliases()
         repair_pinned(swapper, ep, registry)
         alias = registry.get(swapper.stable)
-        path = swapper.target(want)
+        if not isinstance(target, Path):
+            raise target or AdapterRejected(f"no adapter dir for {want}")
+        path = target
         if alias and alias.get("target") == name and Path(alias["path"]).resolve() == path:
             st.serving, st.last_error = want, ""
             swapper.last_reconcile_error.pop(ep.name, None)
