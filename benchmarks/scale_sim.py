@@ -136,7 +136,7 @@ def best(fn: Callable[[], Any], repeats: int = REPEATS) -> tuple[float, float]:
 
 
 def make_doc(i: int, rng: random.Random) -> documents.ChunkIn:
-    text = f"doc {i}: " + " ".join(rng.choice(WORDS) for _ in range(40))
+    text = f"doc {i}: " + " ".join(rng.choices(WORDS, k=40))
     split = "holdout" if i % 10 == 0 else "train"
     return documents.ChunkIn(text=text, n_tokens=60, split=split)
 
