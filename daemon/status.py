@@ -134,8 +134,9 @@ def render(data: dict[str, Any], console: Console) -> None:
     table.add_row("pending tokens", f"{data['pending_tokens']:,}")
     table.add_row("staleness", f"{data['staleness_s']:.0f} s")
     table.add_row("current adapter", data["current_adapter"] or "(base model)")
-    if data.get("replicas"):
-        table.add_row("replicas", replicas_line(data["replicas"], data["current_adapter"]))
+    rows, want = data.get("replicas") or [], data["current_adapter"] or "base"
+    if len(rows) > 1 or any(not r.get("up") or r.get("serving") != want for r in rows):
+        table.add_row("replicas", replicas_line(rows, data["current_adapter"]))
     table.add_row("stages", ", ".join(f"{k} {v}" for k, v in data["stages"].items()))
     last = data["last_stage"]
     if last:

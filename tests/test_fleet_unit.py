@@ -313,3 +313,24 @@ def wait_until(predicate: Callable[[], bool], proc: subprocess.Popen, tmp: Path)
                 return
         time.sleep(0.1)
     pytest.fail(f"condition not met in 30 s: {(tmp / 'daemon.log').read_text()[-3000:]}")
+
+
+def test_status_shows_the_fleet_only_when_there_is_one_or_it_is_out_of_line(tmp_path) -> None:
+    from rich.console import Console
+
+    from daemon.status import render
+
+    cfg = config_mod.from_dict({"state_dir": str(tmp_path / "state")})
+    data = collect(cfg)
+
+    def text(rows: list[dict]) -> str:
+        console = Console(record=True, width=200)
+        render({**data, "current_adapter": "v0002", "replicas": rows}, console)
+        return console.export_text()
+
+    one = {"endpoint": "a:1", "up": True, "serving": "v0002"}
+    assert "replica" not in text([one])  # one managed server in line: nothing to say
+    down = {"endpoint": "b:1", "up": False, "serving": None}
+    behind = {"endpoint": "c:1", "up": True, "serving": "v0001"}
+    line = text([one, down, behind])
+    assert "3 replica(s): 1 serve v0002; down: b:1; behind: c:1 (v0001)" in line
