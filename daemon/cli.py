@@ -44,6 +44,14 @@ def _load_config(ctx: click.Context) -> Config:
     return cfg_loaded
 
 
+def _reloader(ctx: click.Context) -> Callable[[], Config]:
+    """Re-read the config as this command did (same file, same overrides), for SIGHUP."""
+    obj = ctx.ensure_object(dict)
+    overrides = {k: obj[k] for k in ("state_dir", "inbox_dir") if obj.get(k)}
+    path = obj.get("config_path")
+    return lambda: config_mod.load(path, overrides=overrides)
+
+
 def friendly_errors(fn: F) -> F:
     """Expected errors -> one red line and exit 1 (a traceback only with --debug)."""
 
@@ -382,7 +390,7 @@ def serve(ctx: click.Context) -> None:
     from daemon.service import run_service
 
     cfg = _load_config(ctx)
-    sys.exit(run_service(cfg, training=False))
+    sys.exit(run_service(cfg, training=False, reload=_reloader(ctx)))
 
 
 @main.command()
@@ -392,9 +400,10 @@ def run(ctx: click.Context) -> None:
     """Run the daemon: watch, ingest, decide, train, evaluate, promote, swap, export metrics.
 
     Builds the seed model on first run when no base model is configured. Stops cleanly on
-    SIGTERM (exit 0). Speaks sd_notify when $NOTIFY_SOCKET is set.
+    SIGTERM (exit 0). Speaks sd_notify when $NOTIFY_SOCKET is set. SIGHUP re-reads
+    serving.endpoints and serving.endpoints_dns from the config file.
     """
     from daemon.service import run_service
 
     cfg = _load_config(ctx)
-    sys.exit(run_service(cfg, training=True))
+    sys.exit(run_service(cfg, training=True, reload=_reloader(ctx)))

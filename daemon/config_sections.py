@@ -9,6 +9,7 @@ policy classes validate, and the top-level keys.
 from __future__ import annotations
 
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -199,7 +200,14 @@ class ServingConfig(Section):
     model_name: str = opt("evergreen", "Stable model name clients use; always the newest adapter.")
     host: str = opt("127.0.0.1", "Managed vLLM bind address (non-loopback needs api_key).")
     port: int = num(8000, 1, 65535, "Managed vLLM port.")
-    endpoints: list[str] = opt([], "External mode: vLLM base URLs, e.g. http://10.0.0.5:8000.")
+    endpoints: list[str] = opt(
+        [], "External mode: vLLM base URLs, e.g. http://10.0.0.5:8000 (SIGHUP re-reads them)."
+    )
+    endpoints_dns: list[str] = opt(
+        [],
+        "External mode: names resolved at every reconcile, one replica per address, e.g."
+        " http://vllm.internal:8000 (scheme optional, port required).",
+    )
     api_key: str = opt("", "API key for vLLM; generated into the state dir if empty.")
     max_lora_rank: Literal[8, 16, 32, 64, 128, 256, 320, 512] = opt(
         64, "vLLM --max-lora-rank (8, 16, 32, 64, ...)."
@@ -226,6 +234,19 @@ class ServingConfig(Section):
         15.0, 0.1, DAY_S, "How often endpoints are compared with the store."
     )
     request_timeout_s: float = num(60.0, 0.1, 3600, "HTTP timeout for calls to vLLM.")
+
+    @field_validator("endpoints_dns")
+    @classmethod
+    def _endpoints_dns(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            parts = urlsplit(entry if "://" in entry else f"http://{entry}")
+            try:
+                port = parts.port
+            except ValueError:
+                port = None
+            if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+                raise ValueError(f"{entry!r}: expected [http(s)://]name:port")
+        return value
 
     @field_validator("model_name")
     @classmethod

@@ -70,6 +70,7 @@ class Metrics:
             registry=r,
         )
         self._adapter_version: str | None = None
+        self._replica_series: dict[str, str | None] = {}  # endpoint -> version label set
         self._lock = threading.Lock()
 
     def _define_ingest(self, r: CollectorRegistry) -> None:
@@ -176,6 +177,24 @@ class Metrics:
         self.vllm_up = Gauge(
             "evergreen_vllm_up", "1 if the vLLM endpoint answers /health.", ["endpoint"], registry=r
         )
+        self.replica_up = Gauge(
+            "evergreen_replica_up",
+            "1 if the replica (one vLLM endpoint of the fleet) answers /health.",
+            ["endpoint"],
+            registry=r,
+        )
+        self.replica_version = Gauge(
+            "evergreen_replica_version_info",
+            "The adapter version the replica's stable name serves (value 1; none while down"
+            " or unknown).",
+            ["endpoint", "version"],
+            registry=r,
+        )
+        self.replicas_in_line = Gauge(
+            "evergreen_replicas_in_line",
+            "Replicas that are up and serve the current adapter.",
+            registry=r,
+        )
         self.vllm_engine_restarts = Counter(
             "evergreen_vllm_engine_restarts_total",
             "Managed vLLM restarts because its engine died (the API server may have lived).",
@@ -271,6 +290,34 @@ class Metrics:
     def set_vllm_up(self, endpoints: Iterable[tuple[str, bool]]) -> None:
         for endpoint, up in endpoints:
             self.vllm_up.labels(endpoint).set(1 if up else 0)
+
+    def set_replicas(self, rows: Iterable[dict[str, Any]], current: str | None) -> None:
+        """The fleet now (rows of :meth:`Swapper.replica_rows`): up and version per replica,
+        and how many serve ``current``. Series of replicas that left are removed."""
+        with self._lock:
+            seen: dict[str, str | None] = {}
+            for row in rows:
+                endpoint, up = str(row["endpoint"]), bool(row["up"])
+                version = row.get("serving") if up else None
+                seen[endpoint] = version
+                self.replica_up.labels(endpoint).set(1 if up else 0)
+                self.vllm_up.labels(endpoint).set(1 if up else 0)
+                old = self._replica_series.get(endpoint)
+                if old is not None and old != version:
+                    self.replica_version.remove(endpoint, old)
+                if version is not None:
+                    self.replica_version.labels(endpoint, version).set(1)
+            for endpoint, old in self._replica_series.items():
+                if endpoint in seen:
+                    continue
+                self.replica_up.remove(endpoint)
+                self.vllm_up.remove(endpoint)
+                if old is not None:
+                    self.replica_version.remove(endpoint, old)
+            self._replica_series = seen
+            self.replicas_in_line.set(
+                sum(1 for v in seen.values() if v is not None and v == (current or "base"))
+            )
 
 
 def endpoint_label(url: str) -> str:

@@ -42,11 +42,12 @@ from daemon.config import Config
 from daemon.errors import EvergreenError
 from daemon.ingest import ensure_dirs
 from daemon.ingest.watcher import InboxWatcher
-from daemon.metrics import Metrics, endpoint_label, serve_http
+from daemon.metrics import Metrics, serve_http
 from daemon.notify import Notifier
 from daemon.private_files import private_umask, write_private
 from daemon.scheduling.schedule import start_scheduler
 from daemon.serving import promotion
+from daemon.serving.fleet import Resolver, resolve_addresses
 from daemon.serving.promotion import Promotion
 from daemon.serving.swap import Swapper, SwapResult
 from daemon.serving.vllm import ManagedVLLM
@@ -78,9 +79,16 @@ class Service:
     """Wires the store, watcher, scheduler, stage worker, vLLM, swapper and HTTP together."""
 
     def __init__(
-        self, cfg: Config, *, training: bool = True, notifier: Notifier | None = None
+        self,
+        cfg: Config,
+        *,
+        training: bool = True,
+        notifier: Notifier | None = None,
+        resolve: Resolver = resolve_addresses,
     ) -> None:
+        """``resolve``: how ``serving.endpoints_dns`` names become addresses (tests fake it)."""
         self.cfg = cfg
+        self.resolve = resolve
         self.training = training
         self.metrics = Metrics()
         self.notifier = notifier or Notifier()
@@ -116,6 +124,8 @@ class Service:
         self.metrics.on_swap(result.seconds, result.ok, time.time())
         if result.ok:
             self.metrics.set_adapter(result.version)
+            if self.swapper is not None:
+                self.metrics.set_replicas(self.swapper.replica_rows(), result.version)
 
     def promote(self, version: str, reason: str) -> Promotion:
         """What a stage that passed the gate calls: serving swaps every endpoint (the
@@ -129,7 +139,7 @@ class Service:
         data = collect(self.cfg)
         data["daemon"] = {
             "stage_running": bool(self.worker and self.worker.busy.is_set()),
-            "vllm": self._endpoint_states(),
+            "vllm": self.swapper.replica_rows() if self.swapper else [],
         }
         return data
 
@@ -180,7 +190,7 @@ class Service:
                 )
             self.swapper = Swapper(self.cfg, [self.managed.endpoint], on_swap=self.on_swap)
         else:
-            self.swapper = Swapper.from_config(self.cfg, on_swap=self.on_swap)
+            self.swapper = Swapper.from_config(self.cfg, on_swap=self.on_swap, resolve=self.resolve)
         self.swapper.reconcile()
 
     def _start_metrics(self) -> None:
@@ -208,11 +218,6 @@ class Service:
         """A restarted vLLM lost its adapters: serve the current version again at once."""
         if self.swapper is not None:
             self.swapper.reconcile()
-
-    def _endpoint_states(self) -> list[dict[str, Any]]:
-        if self.swapper is None:
-            return []
-        return [{"endpoint": url, "up": up} for url, up in self.swapper.endpoint_states()]
 
     def start(self) -> None:
         cfg = self.cfg
@@ -317,9 +322,8 @@ class Service:
                     self.metrics.set_adapter(self.swapper.served_version())
                 except Exception as exc:
                     log.warning("reconcile failed: %s", exc)
-                self.metrics.set_vllm_up(
-                    (endpoint_label(url), up) for url, up in self.swapper.endpoint_states()
-                )
+                want = adapters.current(self._db, self.cfg.track) if self._db else None
+                self.metrics.set_replicas(self.swapper.replica_rows(), want)
                 next_reconcile = now + self.cfg.serving.reconcile_interval_s
             if now >= next_refresh or self.refresh_soon.is_set():
                 self.refresh_soon.clear()
@@ -335,8 +339,11 @@ class Service:
             time.sleep(min(LOOP_INTERVAL_S, wd or LOOP_INTERVAL_S))
 
 
-def run_service(cfg: Config, *, training: bool = True) -> int:
-    """Entry point of ``evergreen run`` / ``serve``; returns the exit code.
+def run_service(
+    cfg: Config, *, training: bool = True, reload: Callable[[], Config] | None = None
+) -> int:
+    """Entry point of ``evergreen run`` / ``serve``; returns the exit code. ``reload``
+    re-reads the config file on SIGHUP (the fleet's endpoints only; see daemon.serving.fleet).
 
     The state dir's lock comes first and is held until the end (:mod:`daemon.statelock`):
     a second daemon raises :class:`~daemon.statelock.StateDirBusy` (one line, exit 1)
@@ -353,10 +360,10 @@ def run_service(cfg: Config, *, training: bool = True) -> int:
             f"{busy.holder()} holds {cfg.state_path}: wait for it to finish, or stop it first"
         ) from None
     with lock:
-        return _run_locked(cfg, training=training)
+        return _run_locked(cfg, training=training, reload=reload)
 
 
-def _run_locked(cfg: Config, *, training: bool) -> int:
+def _run_locked(cfg: Config, *, training: bool, reload: Callable[[], Config] | None) -> int:
     logs.setup(cfg.log_level, cfg.log_format)
     stop = threading.Event()
 
@@ -367,6 +374,15 @@ def _run_locked(cfg: Config, *, training: bool) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     service = Service(cfg, training=training)
+
+    def on_hup(_signum: int, _frame: FrameType | None) -> None:
+        fleet = service.swapper.fleet if service.swapper else None
+        if fleet is not None and reload is not None:
+            fleet.request_reload(reload)  # applied by the next reconcile
+        else:
+            log.info("SIGHUP: nothing to reload (serving.endpoints apply in external mode)")
+
+    signal.signal(signal.SIGHUP, on_hup)
     code = 0
     try:
         service.start()

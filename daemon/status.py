@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from daemon.config import Config
+from daemon.serving.fleet import load_replicas
 from store import adapters, documents, events, stages
 from store.db import open_db
 
@@ -30,6 +31,7 @@ def collect(cfg: Config, *, now: float | None = None) -> dict[str, Any]:
             "pending_tokens": documents.pending_tokens(db, cfg.track),
             "staleness_s": round(now - oldest, 1) if oldest is not None else 0.0,
             "current_adapter": adapters.current(db, cfg.track),
+            "replicas": load_replicas(db, cfg.track),
             "stages": stages.outcome_counts(db, cfg.track),
             "last_stage": _stage_summary(last) if last else None,
             "next_decision": _next_decision(cfg, db, now),
@@ -100,6 +102,24 @@ def progress_line(progress: dict[str, Any]) -> str:
     return " · ".join(parts) or str(progress.get("phase") or "starting")
 
 
+def replicas_line(rows: list[dict[str, Any]], current: str | None) -> str:
+    """``3 replicas: 2 serve v0003; down: 10.0.0.7:8000`` (the ones out of line named)."""
+    want = current or "base"
+    in_line = sum(1 for r in rows if r.get("up") and r.get("serving") == want)
+    down = [str(r["endpoint"]) for r in rows if not r.get("up")]
+    behind = [
+        f"{r['endpoint']} ({r.get('serving') or r.get('error') or 'unknown'})"
+        for r in rows
+        if r.get("up") and r.get("serving") != want
+    ]
+    parts = [f"{len(rows)} replica(s): {in_line} serve {want}"]
+    if down:
+        parts.append("down: " + ", ".join(down[:5]) + (" ..." if len(down) > 5 else ""))
+    if behind:
+        parts.append("behind: " + ", ".join(behind[:5]) + (" ..." if len(behind) > 5 else ""))
+    return escape("; ".join(parts))
+
+
 def render(data: dict[str, Any], console: Console) -> None:
     table = Table(title=f"evergreen status — track {data['track']}", show_header=False)
     table.add_column("what")
@@ -114,6 +134,9 @@ def render(data: dict[str, Any], console: Console) -> None:
     table.add_row("pending tokens", f"{data['pending_tokens']:,}")
     table.add_row("staleness", f"{data['staleness_s']:.0f} s")
     table.add_row("current adapter", data["current_adapter"] or "(base model)")
+    rows, want = data.get("replicas") or [], data["current_adapter"] or "base"
+    if len(rows) > 1 or any(not r.get("up") or r.get("serving") != want for r in rows):
+        table.add_row("replicas", replicas_line(rows, data["current_adapter"]))
     table.add_row("stages", ", ".join(f"{k} {v}" for k, v in data["stages"].items()))
     last = data["last_stage"]
     if last:

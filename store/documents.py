@@ -243,6 +243,7 @@ def replay_add(
     )
     kept = 0
     now = time.time()
+    slots: list[int] | None = None  # buffer row ids in id order, read once when first needed
     for cid in chunk_ids:
         seen += 1
         if size < capacity:
@@ -256,15 +257,18 @@ def replay_add(
             continue
         j = rng.randrange(seen)
         if j < capacity:
-            victim = db.conn.execute(
-                "SELECT id FROM replay_buffer WHERE track = ? ORDER BY id LIMIT 1 OFFSET ?",
-                (track, j),
-            ).fetchone()
-            if victim:
+            if slots is None:  # the j-th row by id; one read, not an OFFSET scan per victim
+                slots = [
+                    int(r[0])
+                    for r in db.conn.execute(
+                        "SELECT id FROM replay_buffer WHERE track = ? ORDER BY id", (track,)
+                    )
+                ]
+            if j < len(slots):
                 db.conn.execute(
                     "UPDATE OR IGNORE replay_buffer SET chunk_id = ?, stage_id = ?, added_at = ?"
                     " WHERE id = ?",
-                    (cid, stage_id, now, victim[0]),
+                    (cid, stage_id, now, slots[j]),
                 )
                 kept += 1
     kv.put(db, key, str(seen))

@@ -100,7 +100,14 @@ def rollback(
 def _swap_and_move(cfg: Config, swapper: Swapper, version: str, reason: str) -> Promotion:
     with swapper.lock:
         result = swapper.swap_to(version, reason=reason)  # raises SwapError: pointer unchanged
-        how = f"swapped on {len(swapper.endpoints)} endpoint(s) in {result.seconds:.2f}s"
+        total = len(swapper.endpoints)
+        n = total - len(result.skipped)
+        where = (
+            f"{n} of {total} endpoint(s) (the others down)"
+            if result.skipped
+            else f"{n} endpoint(s)"
+        )
+        how = f"swapped on {where} in {result.seconds:.2f}s"
         return _move_pointer(cfg, version, reason, result, how)
 
 

@@ -1,27 +1,32 @@
 """Reconcile: make each vLLM endpoint serve the store's current adapter again.
 
 Run at startup, every ``serving.reconcile_interval_s`` and right after a managed vLLM
-restart (which loses every loaded adapter). Per endpoint, not all-or-none like a swap: one
-endpoint that is down must not keep the others from being repaired. It never moves the
-store's pointer; it follows it.
+restart (which loses every loaded adapter). First the endpoint set is brought up to date
+(:func:`daemon.serving.fleet.sync`: a replica that joined is reconciled in the same pass).
+Per endpoint and in parallel, not all-or-none like a swap: one endpoint that is down must not
+keep the others from being repaired. It never moves the store's pointer; it follows it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from daemon.serving.adapters import BASE_VERSION, AdapterRejected, adapter_path, served_name
 from daemon.serving.audit import record_event, store_db
 from daemon.serving.client import VLLMClient, VLLMError
+from daemon.serving.fleet import save_replicas
 from store import adapters as store_adapters
 
 if TYPE_CHECKING:
     from daemon.serving.swap import Swapper
 
 log = logging.getLogger(__name__)
+
+MAX_PARALLEL = 32  # endpoints reconciled at once
 
 
 def wanted_version(swapper: Swapper) -> str:
@@ -38,12 +43,36 @@ def reconcile(swapper: Swapper) -> dict[str, str]:
     distinct error (``swap.failed``), not on every period.
     """
     with swapper.lock:
+        swapper.sync_endpoints()  # external mode: the fleet as config, DNS and SIGHUP say now
         want = wanted_version(swapper)
         name = served_name(swapper.cfg, want)
-        return {ep.name: _reconcile_one(swapper, ep, want, name) for ep in swapper.endpoints}
+        endpoints = list(swapper.endpoints)
+        target = _target(swapper, want) if endpoints else None  # once, not per replica
+
+        def one(ep: VLLMClient) -> str:
+            return _reconcile_one(swapper, ep, want, name, target)
+
+        if len(endpoints) <= 1:
+            outcome = {ep.name: one(ep) for ep in endpoints}
+        else:  # at once: one slow or down replica must not delay the others
+            with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(endpoints))) as pool:
+                names = [ep.name for ep in endpoints]
+                outcome = dict(zip(names, pool.map(one, endpoints), strict=True))
+        save_replicas(swapper.cfg, swapper.replica_rows())
+        return outcome
 
 
-def _reconcile_one(swapper: Swapper, ep: VLLMClient, want: str, name: str) -> str:
+def _target(swapper: Swapper, want: str) -> Path | Exception:
+    """The checked dir of ``want`` (built once for ``base``), or why it cannot be served."""
+    try:
+        return swapper.target(want)
+    except (AdapterRejected, OSError) as exc:
+        return exc
+
+
+def _reconcile_one(
+    swapper: Swapper, ep: VLLMClient, want: str, name: str, target: Path | Exception | None
+) -> str:
     st = swapper.states[ep.name]
     st.checked_at = time.time()
     if not ep.health():
@@ -54,7 +83,9 @@ def _reconcile_one(swapper: Swapper, ep: VLLMClient, want: str, name: str) -> st
         registry = ep.aliases()
         repair_pinned(swapper, ep, registry)
         alias = registry.get(swapper.stable)
-        path = swapper.target(want)
+        if not isinstance(target, Path):
+            raise target or AdapterRejected(f"no adapter dir for {want}")
+        path = target
         if alias and alias.get("target") == name and Path(alias["path"]).resolve() == path:
             st.serving, st.last_error = want, ""
             swapper.last_reconcile_error.pop(ep.name, None)

@@ -9,8 +9,10 @@ Names on each endpoint (``model_name`` = ``evergreen`` by default):
 * ``evergreen``: an *alias* of one of the above, flipped atomically by our vLLM plugin
   (:mod:`daemon.serving.vllm_plugin` explains why an alias and not a reload).
 
-A swap to version V, on N endpoints, all or none:
+A swap to version V, on the N endpoints that are up, all or none:
 
+0. ask every endpoint's ``/health`` at once; those down are skipped (none up: the swap
+   fails) and are brought in line by the reconcile when they come back;
 1. validate V's dir locally (inside the state dir, safetensors only, not truncated);
    load ``evergreen-V`` everywhere and run a greedy smoke completion. Any failure: unload
    what this swap loaded, record ``swap.failed``, raise :class:`SwapError`; nothing changed.
@@ -20,7 +22,9 @@ A swap to version V, on N endpoints, all or none:
 
 This module never moves the store's current pointer: :mod:`daemon.serving.promotion` does,
 after a successful swap. :mod:`daemon.serving.reconcile` (startup, periodically, after a vLLM
-restart) brings each endpoint back to the store's pointer with the same steps.
+restart) brings each endpoint back to the store's pointer with the same steps. In external
+mode the endpoint set itself is recomputed at every reconcile (:mod:`daemon.serving.fleet`:
+config, DNS, SIGHUP reload), so a replica that joins gets the current adapter then.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any, TypeVar
 
 from daemon.config import Config
 from daemon.errors import EvergreenError
+from daemon.serving import fleet as fleet_mod
 from daemon.serving import reconcile as reconcile_mod
 from daemon.serving.adapters import (
     BASE_VERSION,
@@ -50,10 +55,18 @@ from daemon.serving.adapters import (
 from daemon.serving.apikey import load_or_create_admin_secret
 from daemon.serving.audit import record_event
 from daemon.serving.client import VLLMClient, VLLMError
+from daemon.serving.fleet import (
+    EndpointState,
+    Fleet,
+    Resolver,
+    resolve_addresses,
+    save_replicas,
+)
 
 log = logging.getLogger(__name__)
 
 VERIFY_ATTEMPTS = 3
+MAX_PARALLEL = 32  # endpoints contacted at once (a swap's load/verify, a reconcile)
 _T = TypeVar("_T")
 
 
@@ -75,18 +88,7 @@ class SwapResult:
     previous: dict[str, str | None] = field(default_factory=dict)  # endpoint -> old target
     message: str = ""
     stages: dict[str, float] = field(default_factory=dict)  # seconds per swap step
-
-
-@dataclass
-class EndpointState:
-    """What the swapper last saw on one endpoint (read by metrics and ``status``)."""
-
-    name: str
-    url: str
-    up: bool = False
-    serving: str | None = None  # version behind the stable name, "base", or None if unknown
-    last_error: str = ""
-    checked_at: float = 0.0
+    skipped: list[str] = field(default_factory=list)  # endpoints down at swap time
 
 
 class Swapper:
@@ -105,10 +107,13 @@ class Swapper:
         *,
         on_swap: Callable[[SwapResult], None] | None = None,
         owns_endpoints: bool = False,
+        fleet: Fleet | None = None,
+        make_client: Callable[[str], VLLMClient] | None = None,
     ) -> None:
         """``owns_endpoints``: :meth:`close` closes the clients too (only for clients made
-        for this swapper; the managed server's client outlives any one swapper)."""
-        if not endpoints:
+        for this swapper; the managed server's client outlives any one swapper). ``fleet``
+        and ``make_client``: the endpoint set follows the fleet (:meth:`sync_endpoints`)."""
+        if not endpoints and fleet is None:
             raise ValueError("Swapper needs at least one endpoint")
         self.cfg = cfg
         self.endpoints = list(endpoints)
@@ -118,29 +123,49 @@ class Swapper:
         self.states = {ep.name: EndpointState(ep.name, ep.base_url) for ep in self.endpoints}
         self.lock = threading.RLock()
         self.last_reconcile_error: dict[str, str] = {}  # endpoint -> last error recorded
+        self.fleet = fleet
+        self.make_client = make_client
+        self.synced = False  # the first sync_endpoints is start-up, not a fleet change
 
     @classmethod
-    def from_config(cls, cfg: Config, **kwargs: Any) -> Swapper:
-        """External mode: one client per ``serving.endpoints`` URL, with the configured key
-        and the admin secret of ``<state>/vllm-admin-secret`` (the servers read that file
-        through ``EVERGREEN_ADMIN_SECRET_FILE``)."""
-        key = cfg.serving.api_key
-        admin = load_or_create_admin_secret(cfg)
-        eps = [
-            VLLMClient(url, key, timeout=cfg.serving.request_timeout_s, admin_secret=admin)
-            for url in cfg.serving.endpoints
-        ]
-        if not eps:
-            raise SwapError("serving.mode = 'external' needs at least one serving.endpoints URL")
-        return cls(cfg, eps, owns_endpoints=True, **kwargs)
+    def from_config(
+        cls, cfg: Config, *, resolve: Resolver = resolve_addresses, **kwargs: Any
+    ) -> Swapper:
+        """External mode: one client per replica of the fleet (``serving.endpoints`` and
+        every address of ``serving.endpoints_dns``), with the configured key and the admin
+        secret of ``<state>/vllm-admin-secret`` (the servers read that file through
+        ``EVERGREEN_ADMIN_SECRET_FILE``)."""
+        sc = cfg.serving
+        if not sc.endpoints and not sc.endpoints_dns:
+            raise SwapError(
+                "serving.mode = 'external' needs serving.endpoints or serving.endpoints_dns"
+            )
+        key, admin = sc.api_key, load_or_create_admin_secret(cfg)
+
+        def make_client(url: str) -> VLLMClient:
+            return VLLMClient(url, key, timeout=sc.request_timeout_s, admin_secret=admin)
+
+        fleet = Fleet(sc, resolve)
+        swapper = cls(cfg, [], owns_endpoints=True, fleet=fleet, make_client=make_client, **kwargs)
+        swapper.sync_endpoints(strict=True)
+        return swapper
+
+    def sync_endpoints(self, *, strict: bool = False) -> tuple[list[str], list[str]]:
+        """Make the endpoint set the fleet's now (see :func:`daemon.serving.fleet.sync`)."""
+        return fleet_mod.sync(self, strict=strict)
 
     # -- views for metrics / status -----------------------------------------------------------
     def endpoint_states(self) -> list[tuple[str, bool]]:
         return [(s.url, s.up) for s in self.states.values()]
 
+    def replica_rows(self) -> list[dict[str, Any]]:
+        """One row per endpoint: name, up, the version its stable name serves, last error."""
+        return fleet_mod.replica_rows(self)
+
     def served_version(self) -> str | None:
-        """The version every endpoint serves under the stable name; None if they disagree."""
-        versions = {s.serving for s in self.states.values()}
+        """The version every endpoint that is up serves under the stable name; None if they
+        disagree or none is up."""
+        versions = {s.serving for s in self.states.values() if s.up}
         return versions.pop() if len(versions) == 1 else None
 
     # -- the swap ---------------------------------------------------------------------------
@@ -197,19 +222,22 @@ class Swapper:
                 f"{ep.name}: {self.stable} points at {answer.get('target')}, not {name}"
             )
 
-    def _each(self, fn: Callable[[VLLMClient], _T]) -> tuple[dict[str, _T], list[Exception]]:
-        """Run ``fn`` on every endpoint at once: (results by endpoint, errors)."""
+    @staticmethod
+    def _each(
+        endpoints: Sequence[VLLMClient], fn: Callable[[VLLMClient], _T]
+    ) -> tuple[dict[str, _T], list[Exception]]:
+        """Run ``fn`` on the endpoints at once: (results by endpoint, errors)."""
         results: dict[str, _T] = {}
         errors: list[Exception] = []
-        if len(self.endpoints) == 1:
-            ep = self.endpoints[0]
+        if len(endpoints) == 1:
+            ep = endpoints[0]
             try:
                 results[ep.name] = fn(ep)
             except (VLLMError, OSError) as exc:
                 errors.append(exc)
             return results, errors
-        with ThreadPoolExecutor(max_workers=len(self.endpoints)) as pool:
-            futures = {ep.name: pool.submit(fn, ep) for ep in self.endpoints}
+        with ThreadPoolExecutor(max_workers=max(1, min(MAX_PARALLEL, len(endpoints)))) as pool:
+            futures = {ep.name: pool.submit(fn, ep) for ep in endpoints}
         for name, future in futures.items():
             err = future.exception()
             if err is None:
@@ -220,8 +248,22 @@ class Swapper:
                 raise err
         return results, errors
 
+    def up_endpoints(self) -> list[VLLMClient]:
+        """The endpoints whose ``/health`` answers now (asked at once); the others are
+        marked down. Raises :class:`VLLMError` when none is up."""
+        healthy, _ = self._each(self.endpoints, lambda ep: ep.health())
+        for ep in self.endpoints:
+            if not healthy.get(ep.name):
+                st = self.states[ep.name]
+                st.up, st.serving, st.checked_at = False, None, time.time()
+        up = [ep for ep in self.endpoints if healthy.get(ep.name)]
+        if not up:
+            raise VLLMError(f"no endpoint is up (of {len(self.endpoints)})")
+        return up
+
     def swap_to(self, version: str, *, reason: str = "") -> SwapResult:
-        """Serve ``version`` under the stable name on every endpoint, or on none (raises)."""
+        """Serve ``version`` under the stable name on every endpoint that is up, or on none
+        (raises); endpoints down now get it from the reconcile when they return."""
         with self.lock:
             started = time.monotonic()
             name = served_name(self.cfg, version)
@@ -231,20 +273,23 @@ class Swapper:
             timings: dict[str, float] = {}
             stage = "validate"
             mark = started
+            targets: list[VLLMClient] = []
             try:
                 path = self.target(version)
-                stage, mark = "load", _lap(timings, "validate", mark)
-                prepared, errors = self._each(lambda ep: self.prepare(ep, name, path))
+                stage, mark = "health", _lap(timings, "validate", mark)
+                targets = self.up_endpoints()
+                stage, mark = "load", _lap(timings, "health", mark)
+                prepared, errors = self._each(targets, lambda ep: self.prepare(ep, name, path))
                 previous = {k: v[0] for k, v in prepared.items()}
-                loaded = [ep for ep in self.endpoints if prepared.get(ep.name, ("", False))[1]]
+                loaded = [ep for ep in targets if prepared.get(ep.name, ("", False))[1]]
                 if errors:  # endpoints that failed have already unloaded what they loaded
                     raise errors[0]
                 stage, mark = "flip", _lap(timings, "load_smoke", mark)
-                for ep in self.endpoints:
+                for ep in targets:
                     flipped.append(ep)
                     self.flip(ep, name)
                 stage, mark = "verify", _lap(timings, "flip", mark)
-                _, errors = self._each(lambda ep: self.verify(ep, prepared[ep.name][2]))
+                _, errors = self._each(targets, lambda ep: self.verify(ep, prepared[ep.name][2]))
                 if errors:
                     raise errors[0]
                 _lap(timings, "verify", mark)
@@ -254,17 +299,21 @@ class Swapper:
                     version, stage=stage, exc=exc, started=started, previous=previous, reason=reason
                 )
             seconds = time.monotonic() - started
-            for ep in self.endpoints:
+            for ep in targets:
                 st = self.states[ep.name]
                 st.up, st.serving, st.last_error, st.checked_at = True, version, "", time.time()
-            result = SwapResult(version, True, seconds, previous, f"serving {version}", timings)
+            skipped = [ep.name for ep in self.endpoints if ep not in targets]
+            result = SwapResult(
+                version, True, seconds, previous, f"serving {version}", timings, skipped
+            )
+            down = f" ({len(skipped)} down, reconciled when back)" if skipped else ""
             record_event(
                 self.cfg,
                 "swap.done",
-                f"{self.stable} -> {name} on {len(self.endpoints)} endpoint(s) in {seconds:.2f}s"
+                f"{self.stable} -> {name} on {len(targets)} endpoint(s){down} in {seconds:.2f}s"
                 + (f": {reason}" if reason else ""),
                 version,
-                {"seconds": seconds, "previous": previous, "reason": reason},
+                {"seconds": seconds, "previous": previous, "reason": reason, "skipped": skipped},
             )
             log.info("swapped %s -> %s in %.2fs (%s)", self.stable, name, seconds, reason or "-")
             self._notify(result)
@@ -316,6 +365,7 @@ class Swapper:
         raise SwapError(message) from exc
 
     def _notify(self, result: SwapResult) -> None:
+        save_replicas(self.cfg, self.replica_rows())
         for callback in self.on_swap:
             try:
                 callback(result)
