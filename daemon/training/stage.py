@@ -28,7 +28,7 @@ from typing import Any
 
 import sqlite_utils
 
-from daemon.training import hparams, loop, lora, publish, stage_data, stage_eval, warm
+from daemon.training import hparams, lifeline, loop, lora, publish, stage_data, stage_eval, warm
 from daemon.training.report import (
     EXIT_FAILED,
     EXIT_OK,
@@ -152,6 +152,7 @@ def run(db: sqlite_utils.Database, stage_id: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    lifeline.die_with_parent()  # SIGTERM (checkpoint, exit) if the daemon is SIGKILLed
     ap = argparse.ArgumentParser(prog="python -m daemon.training.stage", description=__doc__)
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--stage-id", type=int)
