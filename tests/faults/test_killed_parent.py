@@ -48,7 +48,10 @@ def _gone(pid: int, timeout: float) -> bool:
 def test_a_child_ends_when_its_parent_is_sigkilled(tmp_path: Path) -> None:
     armed = tmp_path / "armed"
     parent = subprocess.Popen(
-        [sys.executable, "-c", PARENT, CHILD, str(armed)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", PARENT, CHILD, str(armed)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert parent.stdout is not None
     child = int(parent.stdout.readline())
