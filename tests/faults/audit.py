@@ -101,6 +101,19 @@ def stages_failed_by_kills(db: Path) -> list[str]:
     return [f"stage {r['id']} failed: {r['reason']}" for r in rows]
 
 
+def file_rows(db: Path) -> set[str]:
+    """Every path the store has a row for (stored, duplicate or quarantined), as keys."""
+    try:
+        return {str(r["path"]) for r in _query(db, "SELECT path FROM files")}
+    except sqlite3.Error:
+        return set()
+
+
+def chunks_containing(db: Path, needle: str) -> list[int]:
+    rows = _query(db, "SELECT id FROM chunks WHERE instr(text, ?) > 0", (needle,))
+    return [int(r["id"]) for r in rows]
+
+
 def current_version(db: Path, track: str = "default") -> str | None:
     rows = _query(db, "SELECT version FROM current_adapter WHERE track = ?", (track,))
     return str(rows[0]["version"]) if rows and rows[0]["version"] else None
