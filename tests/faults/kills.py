@@ -124,11 +124,16 @@ def run_kills(
     seed: int = 0,
     settle_s: float = 600.0,
     overrides: dict[str, Any] | None = None,
+    train: bool = True,
 ) -> KillReport:
-    """``kills`` rounds of drop-start-wait-SIGKILL, a last clean run, then the audit."""
+    """``kills`` rounds of drop-start-wait-SIGKILL, a last clean run, then the audit.
+    ``train=False``: the trigger never fires (ingest only, for a quick smoke run)."""
     rng = random.Random(seed)
     config = daemon_config(tmp, merge(KILL_CONFIG, {"base_model": str(base_model)}))
     config = merge(config, {"serving": {**config["serving"], "mode": "none"}})
+    if not train:
+        never = {"name": "min_new_tokens", "n": 10**9}
+        config = merge(config, {"policy": {**config["policy"], "trigger": never}})
     config = merge(config, overrides or {})
     report = KillReport()
     t0 = time.monotonic()
