@@ -34,6 +34,7 @@ def engine_death(state: Path, base: Path) -> dict[str, Any]:
         {
             "state_dir": str(state),
             "base_model": str(base),
+            "training": {"lora_rank": 16},
             "serving": {
                 "port": free_port(),
                 "max_lora_rank": 16,
