@@ -216,6 +216,23 @@ def test_pinned_name_cannot_be_repointed(guarded: Served) -> None:
     assert guarded.swapper.reconcile() == {ep.name: "ok"}
 
 
+def test_failed_load_does_not_bind_a_pinned_name(guarded: Served) -> None:
+    """Regression (#12): the guard noted a pinned name's path before vLLM loaded it, so one
+    failed load (a wrong path) bound the name to that path and refused the real one."""
+    load = "/v1/load_lora_adapter"
+    missing = str(guarded.cfg.adapters_dir / "no-such-version")
+    resp = guarded.post(load, {"lora_name": "evergreen-v0003", "lora_path": missing}, admin=True)
+    assert resp.status_code >= 400, resp.text
+    real = str(make_lora(guarded.cfg, "v0003", seed=3, register=False))
+    resp = guarded.post(load, {"lora_name": "evergreen-v0003", "lora_path": real}, admin=True)
+    assert resp.status_code == 200, resp.text
+    # Once loaded, the name is bound to those weights.
+    v2 = str(guarded.cfg.adapters_dir / "v0002")
+    resp = guarded.post(load, {"lora_name": "evergreen-v0003", "lora_path": v2}, admin=True)
+    assert resp.status_code == 409, resp.text
+    assert guarded.server.endpoint.completion("evergreen-v0003", "def main", max_tokens=4)
+
+
 def _engine_events(cfg: Config) -> list[dict]:
     db = open_db(cfg.db_path)
     try:

@@ -161,6 +161,17 @@ async def _send_json(send: Send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _pinned_load(path: str, body: dict[str, Any]) -> tuple[str, str] | None:
+    """(pinned name, path) when this admin call loads a pinned version name."""
+    if path != "/v1/load_lora_adapter" and not path.startswith("/adapters"):
+        return None
+    name = body.get("lora_name", body.get("name"))
+    where = body.get("lora_path", body.get("src"))
+    if not isinstance(name, str) or not PINNED_RE.match(name) or not isinstance(where, str):
+        return None
+    return name, where
+
+
 class GuardMiddleware:
     """Pure ASGI middleware: admin secret on admin routes, pinned names, the batch gate."""
 
@@ -196,7 +207,7 @@ class GuardMiddleware:
             if refusal:
                 await _send_json(send, 409, refusal)
             else:
-                await self.app(scope, replay, send)
+                await self.app(scope, replay, self._record_on_success(path, body, send))
             return
         model = body.get("model")
         lora = isinstance(model, str) and not self._is_base(model)
@@ -228,17 +239,30 @@ class GuardMiddleware:
             if isinstance(alias, str) and PINNED_RE.match(alias) and target != alias:
                 return f"'{alias}' is a pinned version name; it cannot become an alias"
             return ""
-        if path != "/v1/load_lora_adapter" and not path.startswith("/adapters"):
+        load = _pinned_load(path, body)
+        if load is None:
             return ""
-        name = body.get("lora_name", body.get("name"))
-        where = body.get("lora_path", body.get("src"))
-        if not isinstance(name, str) or not PINNED_RE.match(name) or not isinstance(where, str):
-            return ""
+        name, where = load
         real = os.path.realpath(where)
-        first = self.pinned.setdefault(name, self._loaded_path(name) or real)
+        first = self.pinned.get(name) or self._loaded_path(name) or real
         if first != real:
             return f"pinned name '{name}' serves {first}; it cannot be loaded from {where}"
         return ""
+
+    def _record_on_success(self, path: str, body: dict[str, Any], send: Send) -> Send:
+        """``send``, noting a pinned name's path once vLLM answers its load with 2xx: a load
+        that fails (a wrong or missing path) must not bind the name to that path."""
+        load = _pinned_load(path, body)
+        if load is None:
+            return send
+        name, where = load
+
+        async def recording(message: Message) -> None:
+            if message.get("type") == "http.response.start" and 200 <= message["status"] < 300:
+                self.pinned.setdefault(name, os.path.realpath(where))
+            await send(message)
+
+        return recording
 
     def _loaded_path(self, name: str) -> str:
         models = self._models()

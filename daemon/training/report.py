@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -39,8 +40,18 @@ class StageStopped(Exception):
 
 
 def emit(event: str, **fields: Any) -> None:
-    """One JSON line on stdout for the parent process."""
-    print(json.dumps({"event": event, **fields}, default=str), flush=True)
+    """One JSON line on stdout for the parent process.
+
+    A parent that died (a SIGKILLed daemon) closed the pipe: the stage goes on without a
+    reader (the store row carries its progress) and ends as its signal says, stopped and
+    resumable, instead of failing with BrokenPipeError.
+    """
+    try:
+        print(json.dumps({"event": event, **fields}, default=str), flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # later lines (and the exit flush) go nowhere
+        os.close(devnull)
 
 
 def say(message: str) -> None:

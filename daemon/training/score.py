@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from daemon.scheduling import placement
+from daemon.training.lifeline import die_with_parent
 from store import adapters, documents
 from store.db import open_db
 
@@ -21,6 +22,7 @@ MAX_CHUNKS = 5000
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()  # a scorer of a SIGKILLed daemon stops with it
     ap = argparse.ArgumentParser(prog="python -m daemon.training.score", description=__doc__)
     ap.add_argument("--db", required=True, help="Path of the store (evergreen.db).")
     ap.add_argument("--base-model", required=True, help="Base model dir.")

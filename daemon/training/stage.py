@@ -32,6 +32,7 @@ from daemon.scheduling import placement
 from daemon.training import (
     distributed,
     hparams,
+    lifeline,
     loop,
     lora,
     publish,
@@ -191,6 +192,7 @@ def run(db: sqlite_utils.Database, stage_id: int, ranks: Ranks | None = None) ->
 
 
 def main(argv: list[str] | None = None) -> int:
+    lifeline.die_with_parent()  # SIGTERM (checkpoint, exit) if the daemon is SIGKILLed
     ap = argparse.ArgumentParser(prog="python -m daemon.training.stage", description=__doc__)
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--stage-id", type=int)
