@@ -543,7 +543,7 @@ def real_text_stage(
 #   4 passes, lr 1e-3 (52 steps, 221 s): held-out 1909 -> 1449 (-24.1%), general -11.6%, promoted
 #   default (min_steps 1000 = ~77 passes here): not finished on this host (ETA 3897 s at 256 tok/s)
 # Recipes for --sweep (names, comma list; "all" = every one). The stage length is set by
-# passes over the new data (``epochs``) instead of ``min_steps``.
+# ``training.passes`` over the new data, with no ``min_steps`` floor.
 SWEEP: dict[str, dict[str, Any]] = {
     "p1": {"passes": 1.0, "min_steps": 0},
     "p2": {"passes": 2.0, "min_steps": 0},
@@ -554,6 +554,8 @@ SWEEP: dict[str, dict[str, Any]] = {
     "p4-lr1e-3": {"passes": 4.0, "min_steps": 0, "learning_rate": 1e-3},
     "p4-lr2e-3": {"passes": 4.0, "min_steps": 0, "learning_rate": 2e-3},
     "p6-lr1e-3": {"passes": 6.0, "min_steps": 0, "learning_rate": 1e-3},
+    "p8-lr1e-3": {"passes": 8.0, "min_steps": 0, "learning_rate": 1e-3},
+    "p6-lr2e-3": {"passes": 6.0, "min_steps": 0, "learning_rate": 2e-3},
     "p4-mix1": {"passes": 4.0, "min_steps": 0, "general_mix": 1.0},
     "p4-r16": {"passes": 4.0, "min_steps": 0, "lora_rank": 16, "lora_alpha": 8},
 }
@@ -583,7 +585,13 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="Override a training.* key of part 1's stages (e.g. min_steps=300 on a slow host).",
     )
-    ap.add_argument("--train-tokens", type=int, default=30_000, help="Part 2 train tokens.")
+    ap.add_argument(
+        "--train-tokens",
+        type=int,
+        default=6000,
+        help="Part 2 train tokens (6000 = 15 sections, ~6.3k tokens: the size the default"
+        " recipe was measured at; larger corpora are sized by the same passes).",
+    )
     ap.add_argument("--set", action="append", default=[], metavar="training.KEY=VALUE")
     ap.add_argument(
         "--sweep", default="", help=f"Part 2 extra recipes (no gate change): {', '.join(SWEEP)}"
