@@ -535,13 +535,16 @@ def real_text_stage(
     return out
 
 
-# Measured 2026-12-02 (shared 2-core host, --threads 1, 6.3k train tokens = 15 sections,
-# 5 held-out sections = 2.7k tokens, default seed, data seed 0; vLLM perplexities):
-#   2 passes, lr 4e-3 (26 steps, 138 s): held-out 1909 -> 1458 (-23.6%), general -5.6%, promoted
-#   4 passes, lr 4e-3 (52 steps, 235 s): held-out 1909 -> 1387 (-27.4%), general +28.4%,
-#     rejected (general loss +7.6%): the failure, reached at only 4 passes
-#   4 passes, lr 1e-3 (52 steps, 221 s): held-out 1909 -> 1449 (-24.1%), general -11.6%, promoted
-#   default (min_steps 1000 = ~77 passes here): not finished on this host (ETA 3897 s at 256 tok/s)
+# Measured 2026-12-02 (shared 2-core host at load ~20, --threads 1, default seed,
+# 15 sections = 6.3k train tokens, 5 held-out sections; vLLM perplexities):
+#   earlier seed build (held-out ppl 1909, general 621), data seed 0:
+#   2 passes, lr 4e-3 (26 steps): held-out -23.6%, general -5.6%, promoted
+#   4 passes, lr 4e-3 (52 steps): held-out -27.4%, general +28.4%, rejected (general loss +7.6%)
+#   4 passes, lr 1e-3 (52 steps): held-out -24.1%, general -11.6%, promoted
+#   old default (min_steps 1000 = ~80 passes here): not finished (ETA 3897 s at 256 tok/s)
+#   this seed build (held-out ppl 1060, general 468), data seed 0:
+#   4 passes, lr 2e-3 (48 steps, now the default): held-out -20.1%, general -6.0%, promoted
+#   (the gate's chunk holdout: -27.5%); 3 passes, lr 2e-3: chunk holdout -12.9%, promoted
 # Recipes for --sweep (names, comma list; "all" = every one). The stage length is set by
 # ``training.passes`` over the new data, with no ``min_steps`` floor.
 SWEEP: dict[str, dict[str, Any]] = {
