@@ -38,7 +38,6 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ from daemon import config as config_mod  # noqa: E402
 from daemon.serving import promotion  # noqa: E402
 from daemon.training import runner  # noqa: E402
 from daemon.training.seed import ensure_seed_model  # noqa: E402
+from policies import base as policy_base  # noqa: E402
 from store.db import open_db  # noqa: E402
 
 DEBIAN_POLICY = Path("/usr/share/doc/debian-policy/policy.txt.gz")
@@ -202,187 +202,6 @@ def check_disjoint(facts: list[dict[str, str]], docs: list[str], n: int = 4) -> 
     return len(facts)
 
 
-# ----------------------------------------------------------------------------------------
-# Model-free augmentation. STAND-IN for the daemon/augment/ package (methods none, permute,
-# sentences, ...): each function turns one document into its training copies. When the
-# package lands, replace AUGMENTERS with its registry; the benchmark only calls
-# augment_corpus().
-FUNCTION_WORDS = {
-    *("the", "a", "an", "of", "in", "at", "on", "for", "to", "by", "under", "called"),
-    *("named", "with", "from", "into", "as", "is", "was", "and", "that", "whose", "who"),
-    *("has", "have", "had", "its", "it", "this", "those", "these"),
-}
-
-
-def split_paragraphs(doc: str) -> list[str]:
-    return [p.strip() for p in doc.split("\n\n") if p.strip()]
-
-
-def split_sentences(par: str) -> list[str]:
-    return [s for s in re.split(r"(?<=[.!?])\s+", par.strip()) if s]
-
-
-class NameFinder:
-    """Proper names by simple corpus rules: a capitalised word mid-sentence, or a
-    sentence-initial one that appears capitalised mid-sentence somewhere, or that is rare
-    (<= 3 times) and never appears in lower case in the corpus nor in ``common`` (lower-case
-    words of a reference text, e.g. the seed's general text), singular or plural."""
-
-    def __init__(self, docs: list[str], common: set[str] | None = None) -> None:
-        self.mid: set[str] = set()
-        self.lower: set[str] = set(common or ())
-        self.count: dict[str, int] = {}
-        for d in docs:
-            for s in split_sentences(d.replace("\n\n", " ")):
-                words = re.findall(r"[A-Za-z']+", s)
-                self.mid |= {w for w in words[1:] if w[:1].isupper()}
-                self.lower |= {w for w in words if w.islower()}
-                for w in words:
-                    self.count[w] = self.count.get(w, 0) + 1
-
-    def names(self, sentence: str) -> list[tuple[int, int, str]]:
-        out = []
-        for i, m in enumerate(re.finditer(r"[A-Za-z']+", sentence)):
-            w = m.group()
-            if not w[:1].isupper():
-                continue
-            low = w.lower()
-            rare = self.count.get(w, 0) <= 3 and not {low, low.removesuffix("s")} & self.lower
-            if (i > 0 or w in self.mid or rare) and (w.lower() not in FUNCTION_WORDS):
-                out.append((m.start(), m.end(), w))
-        return out
-
-
-RESTATE_TEMPLATES = [
-    "{E}'s {Y} is {A}.",
-    "The {Y} of {E} is {A}.",
-    "{E} {M} {A}.",
-    "{A} is the {Y} of {E}.",
-    "As for {E}, the {Y} is {A}.",
-    "Ask about the {Y} of {E} and the answer is {A}.",
-    "{E}: {Y}, {A}.",
-    "It is known that {E} {M} {A}.",
-    # relation-agnostic forms (the Y-less ones need no parse of the relation at all)
-    "When people talk about {E}, they mention {A}.",
-    "For {E}, the {Y} is {A}.",
-    "If you ask about {E}, the answer is {A}.",
-    "{E} is connected with {A}.",
-    "The {Y} that goes with {E} is {A}.",
-    "Everyone who knows {E} also knows {A}.",
-    "Remember {E}: {A}.",
-    "Speaking of {E}, that means {A}.",
-]
-
-
-def restate(sentence: str, finder: NameFinder, j: int) -> str | None:
-    """Restatement ``j`` of a sentence relating two names (E first, A last), or None.
-
-    E = first name, A = last name, M = the words between, Y = M's last content word."""
-    found = finder.names(sentence)
-    if len(found) < 2:
-        return None
-    (_, e0, ent), (s1, _, ans) = found[0], found[-1]
-    mid = sentence[e0:s1].strip(" ,;:")
-    mwords = re.findall(r"[A-Za-z']+", mid)
-    content = [w for w in mwords if w.lower() not in FUNCTION_WORDS]
-    if not mwords or not content:
-        return None
-    y = content[-1].lower()
-    return RESTATE_TEMPLATES[j % len(RESTATE_TEMPLATES)].format(E=ent, A=ans, M=mid, Y=y)
-
-
-def _shuffled(items: list[str], rng: random.Random) -> list[str]:
-    out = list(items)
-    rng.shuffle(out)
-    return out
-
-
-def aug_none(doc: str, k: int, rng: random.Random, finder: NameFinder) -> list[str]:
-    return [doc]
-
-
-def aug_sent_perm(doc: str, k: int, rng: random.Random, finder: NameFinder) -> list[str]:
-    """The document plus k-1 copies with the sentences of each paragraph reordered."""
-    pars = split_paragraphs(doc)
-    out = [doc]
-    for _ in range(k - 1):
-        out.append("\n\n".join(" ".join(_shuffled(split_sentences(p), rng)) for p in pars))
-    return out
-
-
-def aug_para_perm(doc: str, k: int, rng: random.Random, finder: NameFinder) -> list[str]:
-    """The document plus k-1 copies with its paragraphs reordered."""
-    pars = split_paragraphs(doc)
-    return [doc] + ["\n\n".join(_shuffled(pars, rng)) for _ in range(k - 1)]
-
-
-def aug_doc_perm(doc: str, k: int, rng: random.Random, finder: NameFinder) -> list[str]:
-    """The document plus k-1 copies with all its sentences reordered across paragraphs."""
-    sents = [s for p in split_paragraphs(doc) for s in split_sentences(p)]
-    return [doc] + [" ".join(_shuffled(sents, rng)) for _ in range(k - 1)]
-
-
-def aug_sentences(doc: str, k: int, rng: random.Random, finder: NameFinder) -> list[str]:
-    """The document plus each of its sentences as its own sample (k-1 times)."""
-    sents = [s for p in split_paragraphs(doc) for s in split_sentences(p)]
-    return [doc] + [s for _ in range(k - 1) for s in sents]
-
-
-def aug_restate(doc: str, k: int, rng: random.Random, finder: NameFinder) -> list[str]:
-    """The document plus k-1 copies in which every sentence relating two names is replaced
-    by rule-made restatement j ("X's Y is Z.", "The Y of X is Z.", ...)."""
-    pars = [split_sentences(p) for p in split_paragraphs(doc)]
-    out = [doc]
-    for j in range(k - 1):
-        out.append("\n\n".join(" ".join(restate(s, finder, j) or s for s in p) for p in pars))
-    return out
-
-
-def aug_restate_perm(doc: str, k: int, rng: random.Random, finder: NameFinder) -> list[str]:
-    """restate, each copy also with its sentences reordered within paragraphs."""
-    copies = aug_restate(doc, k, rng, finder)
-    return [copies[0]] + [
-        "\n\n".join(" ".join(_shuffled(split_sentences(p), rng)) for p in split_paragraphs(c))
-        for c in copies[1:]
-    ]
-
-
-def aug_restate_sentences(doc: str, k: int, rng: random.Random, finder: NameFinder) -> list[str]:
-    """The document plus, for j < k-1, each sentence in restatement j as its own sample
-    (sentences relating no two names stay as they are, also as their own samples)."""
-    sents = [s for p in split_paragraphs(doc) for s in split_sentences(p)]
-    return [doc] + [restate(s, finder, j) or s for j in range(k - 1) for s in sents]
-
-
-AugmentFn = Callable[[str, int, random.Random, NameFinder], list[str]]
-AUGMENTERS: dict[str, AugmentFn] = {
-    "none": aug_none,
-    "sent_perm": aug_sent_perm,
-    "para_perm": aug_para_perm,
-    "doc_perm": aug_doc_perm,
-    "sentences": aug_sentences,
-    "restate": aug_restate,
-    "restate_perm": aug_restate_perm,
-    "restate_sentences": aug_restate_sentences,
-}
-
-
-def common_words(path: Path) -> set[str]:
-    """Lower-case words of a reference text (the name rule's 'common word' list)."""
-    if not path.is_file():
-        return set()
-    return set(re.findall(r"[a-z']+", path.read_text(encoding="utf-8", errors="replace")))
-
-
-def augment_corpus(
-    docs: list[str], method: str, k: int, seed: int, common: set[str] | None = None
-) -> list[str]:
-    """Training texts for ``docs`` under ``method`` with ``k`` copies (stand-in API)."""
-    rng = random.Random(seed)
-    finder = NameFinder(docs, common)
-    return [t for d in docs for t in AUGMENTERS[method](d, k, rng, finder)]
-
-
 # ============================================================================ shared helpers
 def free_port() -> int:
     with socket.socket() as s:
@@ -422,6 +241,15 @@ KNOWLEDGE_RECIPE: dict[str, Any] = {
 }
 
 
+def model_free_methods() -> list[str]:
+    """Every registered augmentation method that needs no model (the daemon's registry)."""
+    return [
+        n
+        for n in policy_base.names("augment")
+        if not getattr(policy_base.get("augment", n), "uses_model", False)
+    ]
+
+
 def run_knowledge(
     *,
     base: Path,
@@ -434,6 +262,12 @@ def run_knowledge(
     training: dict[str, Any],
     data_seed: int,
 ) -> dict[str, Any]:
+    """One stage on ``docs`` through the daemon's own flow: store the documents, augment
+    them with the daemon's worker (``augment.method``/``k``: synthetic chunks with lineage),
+    plan and train (synthetic text trains, never evaluates), score the questions."""
+    from daemon.augment import augment_pending
+    from store import documents
+
     label = f"{method}-k{k}"
     state = work / "knowledge" / label
     shutil.rmtree(state, ignore_errors=True)
@@ -442,13 +276,12 @@ def run_knowledge(
     eval_path.write_text(
         "".join(json.dumps({"prompt": f["prompt"], "answer": f["answer"]}) + "\n" for f in facts)
     )
-    common = common_words(base / "general_train.txt")
-    texts = augment_corpus(docs, method, k, seed=data_seed, common=common)
     cfg = config_mod.from_dict(
         {
             "state_dir": str(state),
             "base_model": str(base),
             "serving": {"mode": "none"},
+            "augment": {"method": method, "k": k, "seed": data_seed},
             "training": {
                 **training,
                 "eval_sets": [str(eval_path)],
@@ -463,17 +296,21 @@ def run_knowledge(
 
     t0 = time.time()
     with open_db(cfg.db_path) as db:
-        add_texts(db, tok, texts, [], f"/inbox/{label}.txt")
+        add_texts(db, tok, docs, [], f"/inbox/{label}.txt")
+        report = augment_pending(cfg, db, limit=1_000_000)
+        syn_texts = [str(r["text"]) for r in documents.chunks_by_ids(db, report.chunk_ids)]
         res = runner.run_stage(cfg, db, promote=_store_only(cfg))
     if res.status not in ("promoted", "rejected"):
         raise RuntimeError(f"knowledge {label}: {res.status}: {res.reason}")
     m = res.metrics
+    new_tokens = sum(map(ntok, docs))
     out = {
         "method": method,
         "k": k,
         "recall": m["candidate"]["eval:questions"] / 100.0,
         "recall_base": m["baseline"]["eval:questions"] / 100.0,
-        "tokens_per_new_token": sum(map(ntok, texts)) / max(1, sum(map(ntok, docs))),
+        "synthetic_texts": report.kept,
+        "tokens_per_new_token": (new_tokens + sum(map(ntok, syn_texts))) / max(1, new_tokens),
         "steps": m["training"]["steps"],
         "general_drift": math.exp(m["candidate"]["general_loss"] - m["baseline"]["general_loss"])
         - 1,
@@ -481,8 +318,9 @@ def run_knowledge(
     }
     print(
         f"  [knowledge] {label:16s} recall {out['recall']:.2f} (base {out['recall_base']:.2f})"
-        f" | aug tokens x{out['tokens_per_new_token']:.1f} | {out['steps']} steps"
-        f" | general drift {out['general_drift']:+.1%} | {out['stage_s']:.0f}s",
+        f" | {report.kept} synthetic texts, trained tokens x{out['tokens_per_new_token']:.1f}"
+        f" | {out['steps']} steps | general drift {out['general_drift']:+.1%}"
+        f" | {out['stage_s']:.0f}s",
         flush=True,
     )
     return out
@@ -516,14 +354,15 @@ def debian_sections(path: Path = DEBIAN_POLICY) -> list[tuple[str, str]]:
 
 
 def split_corpus(
-    sections: list[tuple[str, str]], tok: Any, train_tokens: int, every: int = 4
+    sections: list[tuple[str, str]], tok: Any, train_tokens: int, every: int = 4, data_seed: int = 0
 ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """Sections in manual order until ``train_tokens`` train tokens; every ``every``-th
-    (of those long enough) is held out entirely (never ingested)."""
+    (of those long enough) is held out entirely (never ingested). The data seed picks
+    which one of each ``every`` is held out (seed 0 tunes a recipe, seed 1 reports it)."""
     train, held = [], []
     n_train = 0
     for i, (title, text) in enumerate(s for s in sections if len(s[1]) >= 400):
-        if i % every == every // 2:
+        if i % every == (every // 2 + data_seed) % every:
             held.append((title, text))
             continue
         train.append((title, text))
@@ -696,23 +535,32 @@ def real_text_stage(
     return out
 
 
-# Measured 2026-12-02 (shared 2-core host, --threads 1, 6.3k train tokens = 15 sections,
-# 5 held-out sections = 2.7k tokens, default seed, data seed 0; vLLM perplexities):
-#   2 passes, lr 4e-3 (26 steps, 138 s): held-out 1909 -> 1458 (-23.6%), general -5.6%, promoted
-#   4 passes, lr 4e-3 (52 steps, 235 s): held-out 1909 -> 1387 (-27.4%), general +28.4%,
-#     rejected (general loss +7.6%): the issue's failure, reached at only 4 passes
-#   4 passes, lr 1e-3 (52 steps, 221 s): held-out 1909 -> 1449 (-24.1%), general -11.6%, promoted
-#   default (min_steps 1000 = ~77 passes here): not finished on this host (ETA 3897 s at 256 tok/s)
+# Measured 2026-12-02 (shared 2-core host at load ~20, --threads 1, default seed,
+# 15 sections = 6.3k train tokens, 5 held-out sections; vLLM perplexities):
+#   earlier seed build (held-out ppl 1909, general 621), data seed 0:
+#   2 passes, lr 4e-3 (26 steps): held-out -23.6%, general -5.6%, promoted
+#   4 passes, lr 4e-3 (52 steps): held-out -27.4%, general +28.4%, rejected (general loss +7.6%)
+#   4 passes, lr 1e-3 (52 steps): held-out -24.1%, general -11.6%, promoted
+#   old default (min_steps 1000 = ~80 passes here): not finished (ETA 3897 s at 256 tok/s)
+#   this seed build (held-out ppl 1060, general 468), data seed 0:
+#   4 passes, lr 2e-3 (48 steps, now the default): held-out -20.1%, general -6.0%, promoted
+#   (the gate's chunk holdout: -27.5%); 3 passes, lr 2e-3: chunk holdout -12.9%, promoted
 # Recipes for --sweep (names, comma list; "all" = every one). The stage length is set by
-# passes over the new data (``epochs``) instead of ``min_steps``.
+# ``training.passes`` over the new data, with no ``min_steps`` floor.
 SWEEP: dict[str, dict[str, Any]] = {
-    "passes1": {"min_steps": 0, "epochs": 1.0},
-    "passes2": {"min_steps": 0, "epochs": 2.0},
-    "passes4": {"min_steps": 0, "epochs": 4.0},
-    "passes8": {"min_steps": 0, "epochs": 8.0},
-    "passes4-lr1e-3": {"min_steps": 0, "epochs": 4.0, "learning_rate": 1e-3},
-    "passes4-mix1": {"min_steps": 0, "epochs": 4.0, "general_mix": 1.0},
-    "passes4-r16": {"min_steps": 0, "epochs": 4.0, "lora_rank": 16, "lora_alpha": 8},
+    "p1": {"passes": 1.0, "min_steps": 0},
+    "p2": {"passes": 2.0, "min_steps": 0},
+    "p3": {"passes": 3.0, "min_steps": 0},
+    "p4": {"passes": 4.0, "min_steps": 0},
+    "p2-lr2e-3": {"passes": 2.0, "min_steps": 0, "learning_rate": 2e-3},
+    "p3-lr2e-3": {"passes": 3.0, "min_steps": 0, "learning_rate": 2e-3},
+    "p4-lr1e-3": {"passes": 4.0, "min_steps": 0, "learning_rate": 1e-3},
+    "p4-lr2e-3": {"passes": 4.0, "min_steps": 0, "learning_rate": 2e-3},
+    "p6-lr1e-3": {"passes": 6.0, "min_steps": 0, "learning_rate": 1e-3},
+    "p8-lr1e-3": {"passes": 8.0, "min_steps": 0, "learning_rate": 1e-3},
+    "p6-lr2e-3": {"passes": 6.0, "min_steps": 0, "learning_rate": 2e-3},
+    "p4-mix1": {"passes": 4.0, "min_steps": 0, "general_mix": 1.0},
+    "p4-r16": {"passes": 4.0, "min_steps": 0, "lora_rank": 16, "lora_alpha": 8},
 }
 
 
@@ -729,9 +577,9 @@ def main() -> None:
     ap.add_argument("--facts", type=int, default=0, help="Facts in part 1 (default 30).")
     ap.add_argument(
         "--methods",
-        default="none:1,sent_perm:4,para_perm:4,doc_perm:4,sentences:2,restate:4,restate:8,"
-        "restate_perm:8",
-        help="Part 1 runs, METHOD:K comma list.",
+        default="",
+        help="Part 1 runs, METHOD:K comma list of daemon augment methods (default: every"
+        " model-free registered method at k=4, permute also at k=8).",
     )
     ap.add_argument(
         "--knowledge-set",
@@ -740,7 +588,13 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="Override a training.* key of part 1's stages (e.g. min_steps=300 on a slow host).",
     )
-    ap.add_argument("--train-tokens", type=int, default=30_000, help="Part 2 train tokens.")
+    ap.add_argument(
+        "--train-tokens",
+        type=int,
+        default=6000,
+        help="Part 2 train tokens (6000 = 15 sections, ~6.3k tokens: the size the default"
+        " recipe was measured at; larger corpora are sized by the same passes).",
+    )
     ap.add_argument("--set", action="append", default=[], metavar="training.KEY=VALUE")
     ap.add_argument(
         "--sweep", default="", help=f"Part 2 extra recipes (no gate change): {', '.join(SWEEP)}"
@@ -786,7 +640,14 @@ def main() -> None:
         for item in args.knowledge_set:
             key, _, value = item.partition("=")
             training[key] = json.loads(value)
-        methods = "none:1,restate:4" if args.smoke else args.methods
+        free = model_free_methods()
+        methods = args.methods or ",".join(
+            ["none:1"]
+            + [f"{m}:4" for m in free if m != "none"]
+            + ["permute:8"] * ("permute" in free)
+        )
+        if args.smoke:
+            methods = "none:1,permute:2"
         print(
             f"part 1: {n_facts} facts (data seed {args.data_seed}) in {len(docs)} documents,"
             f" each stated once; questions share no 4-word run with the documents; tiny seed"
@@ -817,9 +678,13 @@ def main() -> None:
                 "best_method": f"{best['method']}:{best['k']}",
                 "augment_tokens_per_new_token": best["tokens_per_new_token"],
                 "knowledge_runs": [
-                    {k: r[k] for k in ("method", "k", "recall", "tokens_per_new_token")}
+                    {k: r[k] for k in ("method", "k", "recall", "tokens_per_new_token", "stage_s")}
                     for r in runs
                 ],
+                "knowledge_not_run": dict.fromkeys(
+                    sorted(set(policy_base.names("augment")) - set(free)),
+                    "needs a served model (a tiny seed writes noise): see README",
+                ),
             }
         )
 
@@ -830,7 +695,7 @@ def main() -> None:
         tok = AutoTokenizer.from_pretrained(base)
         sections = debian_sections()
         train_tokens = 3000 if args.smoke else args.train_tokens
-        train, held = split_corpus(sections, tok, train_tokens)
+        train, held = split_corpus(sections, tok, train_tokens, data_seed=args.data_seed)
         training = dict(set_training)
         if args.smoke:
             training.setdefault("min_steps", 40)

@@ -47,13 +47,17 @@ def test_exact_step_counts(
     assert loop.total_steps(hp, micro, data_tokens) == expected  # the stage's own count
 
 
-def test_default_recipe_is_the_measured_one_and_data_sizing_is_one_config_away() -> None:
-    # 28.8k new tokens, no replay yet (57 micro-batches of 512): the example
-    assert steps(28_800, 57).steps == 1000  # the default: epochs with the min_steps floor
-    assert steps(28_800, 57, **OLD_RECIPE).steps == 1000
-    assert steps(28_800, 57, passes=8.0, min_steps=100).steps == 450  # sized by its data
-    assert steps(1_000, 2).steps == TrainingConfig().min_steps == 1000
-    assert steps(512_000, 1000).steps == 8000
+def test_default_recipe_is_sized_by_its_data_with_a_small_floor() -> None:
+    # the knowledge benchmark's real-text stage: 15 Debian Policy sections, ~6.3k tokens
+    assert steps(6_144).steps == 48  # 4 passes x 6,144 / 512
+    assert steps(6_144).rule == "passes"
+    # the example, 28.8k new tokens: 225 steps (the old recipe took 1000)
+    assert steps(28_800, 57).steps == 225
+    assert steps(28_800, 57, **OLD_RECIPE).steps == 1000  # the old recipe, one config away
+    # a handful of facts is raised to the floor
+    assert steps(1_000, 2).steps == TrainingConfig().min_steps == 40
+    assert steps(1_000, 2).rule == "min_steps"
+    assert steps(512_000, 1000).steps == 4000
 
 
 def test_plans_from_before_passes_are_sized_as_planned() -> None:
