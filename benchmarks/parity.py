@@ -1,0 +1,124 @@
+"""Served vs trained, per architecture family: does vLLM compute what peft trained?
+
+For each tiny family (:mod:`tests.families`: Llama, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3
+with fused projections, Granite, OPT), one short stage trains through the real stage
+subprocess, is promoted under the stable name on a managed vLLM CPU server (fp32), and
+the log-probs vLLM returns for fixed prompts, and its greedy continuations, are compared
+with transformers + peft in fp32 on CPU (the baseline) on the same adapter, and on the
+base model (no adapter). See :mod:`tests.matrix` for the steps.
+
+    python benchmarks/parity.py [--families llama,phi3] [--keep] [--smoke]
+
+``--smoke`` (CI): one family (llama), the same path. The last line is one JSON object:
+``families_ok`` (trained, promoted, served, within the bound, greedy identical),
+``families_tried``, ``max_abs_logprob_diff`` (over every family, base and adapter),
+``greedy_mismatches``, plus ``bound``, ``per_family`` and ``refused`` (the architectures
+this vLLM cannot serve LoRA on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import add_smoke_flag, report  # noqa: E402
+from daemon import config as config_mod  # noqa: E402
+from daemon.training.seed import ensure_seed_model  # noqa: E402
+from tests.families import FAMILIES, REFUSED  # noqa: E402
+from tests.matrix import FamilyResult, run_family  # noqa: E402
+
+FIELDS = ("families_ok", "families_tried", "max_abs_logprob_diff", "greedy_mismatches")
+# fp32 on both sides; measured diffs are ~5e-6 (summation order in vLLM's CPU kernels).
+BOUND = 1e-3
+SMOKE_FAMILIES = ("llama",)
+
+
+def family_ok(res: FamilyResult) -> bool:
+    worst = max(res.base.max_abs_diff, res.adapter.max_abs_diff)
+    mismatches = res.base.greedy_mismatches + res.adapter.greedy_mismatches
+    return res.ok and worst <= BOUND and mismatches == 0 and res.adapter_shift > 0.01
+
+
+def line(res: FamilyResult) -> str:
+    if res.error:
+        return f"{res.family:8s} FAILED: {res.error.splitlines()[0]}"
+    secs = ", ".join(f"{k} {v:.0f}s" for k, v in res.seconds.items())
+    return (
+        f"{res.family:8s} {'ok ' if family_ok(res) else 'BAD'} {res.version}"
+        f" | max |dlogp| base {res.base.max_abs_diff:.2e} adapter {res.adapter.max_abs_diff:.2e}"
+        f" ({res.base.tokens_compared + res.adapter.tokens_compared} tokens)"
+        f" | greedy mismatches {res.base.greedy_mismatches + res.adapter.greedy_mismatches}"
+        f" | adapter moves log-probs by up to {res.adapter_shift:.2f} | {secs}"
+    )
+
+
+def summarise(results: list[FamilyResult]) -> dict[str, Any]:
+    done = [r for r in results if r.ok]
+    return {
+        "families_ok": sum(family_ok(r) for r in results),
+        "families_tried": len(results),
+        "max_abs_logprob_diff": max(
+            (max(r.base.max_abs_diff, r.adapter.max_abs_diff) for r in done), default=None
+        ),
+        "greedy_mismatches": sum(
+            r.base.greedy_mismatches + r.adapter.greedy_mismatches for r in done
+        ),
+        "bound": BOUND,
+        "per_family": {
+            r.family: {
+                "ok": family_ok(r),
+                "base_max_abs_diff": r.base.max_abs_diff,
+                "adapter_max_abs_diff": r.adapter.max_abs_diff,
+                "adapter_shift": round(r.adapter_shift, 4),
+                "error": r.error,
+                "seconds": {k: round(v, 1) for k, v in r.seconds.items()},
+            }
+            for r in results
+        },
+        "refused": sorted(REFUSED),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--families", default="", help="comma-separated subset (default: all)")
+    ap.add_argument("--keep", action="store_true", help="keep the work dir")
+    add_smoke_flag(ap)
+    args = ap.parse_args(argv)
+    names = args.families.split(",") if args.families else list(FAMILIES)
+    if args.smoke and not args.families:
+        names = list(SMOKE_FAMILIES)
+    unknown = [n for n in names if n not in FAMILIES]
+    if unknown:
+        ap.error(f"unknown families {unknown}; known: {', '.join(FAMILIES)}")
+    work = Path(tempfile.mkdtemp(prefix="evergreen-parity-"))
+    try:
+        seed_cfg = config_mod.from_dict({"state_dir": str(work / "seed"), "seed": {"size": "tiny"}})
+        seed = ensure_seed_model(seed_cfg)
+        results = []
+        for name in names:
+            results.append(run_family(name, seed, work))
+            print(line(results[-1]), flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    result = summarise(results)
+    summary = [
+        f"parity: {result['families_ok']}/{result['families_tried']} families served exactly"
+        f" what peft computes (bound {BOUND:g}); max |dlogp| {result['max_abs_logprob_diff']},"
+        f" greedy mismatches {result['greedy_mismatches']}",
+        f"refused by this vLLM: {', '.join(REFUSED)}",
+    ]
+    report("parity", summary, result, FIELDS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
