@@ -9,8 +9,8 @@ nats rather than 0.2): greedy decoding then never hinges on a near-tie that fp32
 rounding could flip. Saved as safetensors with the tokenizer, the layout a user's
 checkpoint has. Shared by ``tests/test_arch_matrix.py`` and ``benchmarks/parity.py``.
 
-vLLM 0.32 refuses LoRA (no ``SupportsLoRA`` model class) or lacks the architecture for
-the families in :data:`REFUSED`; the README lists them.
+vLLM 0.32 refuses LoRA on the architectures in :data:`REFUSED` (no ``SupportsLoRA``
+model class); the README lists them.
 """
 
 from __future__ import annotations
@@ -23,12 +23,15 @@ from typing import Any
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 64, 128, 2, 2, 1, 32
 INIT_STD = 0.2
 
-# Architectures this vLLM has no LoRA for, or no model class at all (checked in the
-# vllm 0.32 sources: model_executor/models/registry.py and each class's SupportsLoRA).
+# Architectures this vLLM has no LoRA for: their model class is not SupportsLoRA, so
+# the server refuses to start with --enable-lora (vllm 0.32: model_executor/models/*.py).
 REFUSED = {
-    "GPT2LMHeadModel": "no LoRA support in vLLM (GPT2LMHeadModel is not SupportsLoRA)",
-    "FalconForCausalLM": "no LoRA support in vLLM",
-    "StableLmForCausalLM": "no LoRA support in vLLM",
+    "GPT2LMHeadModel": "gpt2",
+    "GPTJForCausalLM": "gpt_j",
+    "BloomForCausalLM": "bloom",
+    "FalconForCausalLM": "falcon",
+    "StableLmForCausalLM": "stablelm",
+    "OrionForCausalLM": "orion",
 }
 
 
@@ -179,3 +182,15 @@ def _numel(st: Any, key: str) -> int:
     for d in st.get_slice(key).get_shape():
         n *= int(d)
     return n
+
+
+def architecture(name: str) -> str:
+    """The ``architectures[0]`` a family's saved config names (e.g. ``Phi3ForCausalLM``)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = FAMILIES[name](2048, _Tok())
+    return str(AutoModelForCausalLM._model_mapping[type(cfg)].__name__)
+
+
+class _Tok:
+    bos_token_id, eos_token_id, pad_token_id = 0, 1, 2

@@ -14,6 +14,7 @@ for both the serving and the parity checks. Shared by ``tests/test_arch_matrix.p
 
 from __future__ import annotations
 
+import json
 import random
 import socket
 import time
@@ -66,6 +67,7 @@ class FamilyResult:
     base: parity.Parity = field(default_factory=parity.Parity)
     adapter: parity.Parity = field(default_factory=parity.Parity)
     adapter_shift: float = 0.0  # max |log p| change the adapter makes (peft side)
+    targets: list[str] = field(default_factory=list)  # what the stage's adapter targets
     seconds: dict[str, float] = field(default_factory=dict)
     error: str = ""
 
@@ -171,6 +173,8 @@ def run_family(family: str, seed_model: Path, work: Path) -> FamilyResult:
         wait_server(server)
         res.seconds["serve"] = time.monotonic() - t0
         res.version = promote(cfg, server, sid)
+        conf = json.loads((cfg.adapters_dir / res.version / "adapter_config.json").read_text())
+        res.targets = sorted(conf["target_modules"])
         res.stable_text = server.endpoint.completion(cfg.serving.model_name, "The vorpal")
         check_parity(cfg, server, res.version, res)
     except Exception as exc:  # reported per family; the caller decides what fails
