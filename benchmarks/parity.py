@@ -5,7 +5,8 @@ with fused projections, Granite, OPT), one short stage trains through the real s
 subprocess, is promoted under the stable name on a managed vLLM CPU server (fp32), and
 the log-probs vLLM returns for fixed prompts, and its greedy continuations, are compared
 with transformers + peft in fp32 on CPU (the baseline) on the same adapter, and on the
-base model (no adapter). See :mod:`tests.matrix` for the steps.
+base model (no adapter), also as served under the stable name before any promotion
+(serving's zero adapter). See :mod:`tests.matrix` for the steps.
 
     python benchmarks/parity.py [--families llama,phi3] [--keep] [--smoke]
 
@@ -41,8 +42,8 @@ SMOKE_FAMILIES = ("llama",)
 
 
 def family_ok(res: FamilyResult) -> bool:
-    worst = max(res.base.max_abs_diff, res.adapter.max_abs_diff)
-    mismatches = res.base.greedy_mismatches + res.adapter.greedy_mismatches
+    worst = max(side.max_abs_diff for side in res.sides)
+    mismatches = sum(side.greedy_mismatches for side in res.sides)
     return res.ok and worst <= BOUND and mismatches == 0 and res.adapter_shift > 0.01
 
 
@@ -52,9 +53,10 @@ def line(res: FamilyResult) -> str:
     secs = ", ".join(f"{k} {v:.0f}s" for k, v in res.seconds.items())
     return (
         f"{res.family:8s} {'ok ' if family_ok(res) else 'BAD'} {res.version}"
-        f" | max |dlogp| base {res.base.max_abs_diff:.2e} adapter {res.adapter.max_abs_diff:.2e}"
-        f" ({res.base.tokens_compared + res.adapter.tokens_compared} tokens)"
-        f" | greedy mismatches {res.base.greedy_mismatches + res.adapter.greedy_mismatches}"
+        f" | max |dlogp| base {res.base.max_abs_diff:.2e} zero {res.zero.max_abs_diff:.2e}"
+        f" adapter {res.adapter.max_abs_diff:.2e}"
+        f" ({sum(side.tokens_compared for side in res.sides)} tokens)"
+        f" | greedy mismatches {sum(side.greedy_mismatches for side in res.sides)}"
         f" | adapter moves log-probs by up to {res.adapter_shift:.2f} | {secs}"
     )
 
@@ -65,16 +67,15 @@ def summarise(results: list[FamilyResult]) -> dict[str, Any]:
         "families_ok": sum(family_ok(r) for r in results),
         "families_tried": len(results),
         "max_abs_logprob_diff": max(
-            (max(r.base.max_abs_diff, r.adapter.max_abs_diff) for r in done), default=None
+            (side.max_abs_diff for r in done for side in r.sides), default=None
         ),
-        "greedy_mismatches": sum(
-            r.base.greedy_mismatches + r.adapter.greedy_mismatches for r in done
-        ),
+        "greedy_mismatches": sum(side.greedy_mismatches for r in done for side in r.sides),
         "bound": BOUND,
         "per_family": {
             r.family: {
                 "ok": family_ok(r),
                 "base_max_abs_diff": r.base.max_abs_diff,
+                "zero_adapter_max_abs_diff": r.zero.max_abs_diff,
                 "adapter_max_abs_diff": r.adapter.max_abs_diff,
                 "adapter_shift": round(r.adapter_shift, 4),
                 "error": r.error,

@@ -24,6 +24,7 @@ from typing import Any
 
 from daemon.config import Config
 from daemon.serving import promotion
+from daemon.serving.adapters import BASE_VERSION
 from daemon.serving.swap import Swapper
 from daemon.serving.vllm import ManagedVLLM
 from daemon.training import finish, spawn
@@ -66,10 +67,16 @@ class FamilyResult:
     stable_text: str = ""
     base: parity.Parity = field(default_factory=parity.Parity)
     adapter: parity.Parity = field(default_factory=parity.Parity)
+    zero: parity.Parity = field(default_factory=parity.Parity)  # stable name before promotion
     adapter_shift: float = 0.0  # max |log p| change the adapter makes (peft side)
     targets: list[str] = field(default_factory=list)  # what the stage's adapter targets
     seconds: dict[str, float] = field(default_factory=dict)
     error: str = ""
+
+    @property
+    def sides(self) -> tuple[parity.Parity, ...]:
+        """Base under its path, base under the stable name (zero adapter), the adapter."""
+        return (self.base, self.zero, self.adapter)
 
     @property
     def ok(self) -> bool:
@@ -111,9 +118,8 @@ def train_stage(cfg: Config) -> int:
         db.conn.close()
 
 
-def promote(cfg: Config, server: ManagedVLLM, sid: int) -> str:
+def promote(cfg: Config, swapper: Swapper, sid: int) -> str:
     """The stage's candidate made current through serving's path; returns the version."""
-    swapper = Swapper(cfg, [server.endpoint])
     db = open_db(cfg.db_path)
     try:
         result = finish.promote_stage(
@@ -125,7 +131,6 @@ def promote(cfg: Config, server: ManagedVLLM, sid: int) -> str:
         )
     finally:
         db.conn.close()
-        swapper.close()
     if result.status != stages.PROMOTED:
         raise RuntimeError(f"stage {sid} not promoted: {result.status}: {result.reason}")
     return str(result.version)
@@ -142,16 +147,27 @@ def wait_server(server: ManagedVLLM) -> None:
         raise RuntimeError(f"vLLM did not start: {server.last_error}\n{server.log_tail(30)}")
 
 
-def check_parity(cfg: Config, server: ManagedVLLM, version: str, res: FamilyResult) -> None:
-    """Base (served under its path) and adapter (under the stable name) against peft."""
+def check_base(cfg: Config, server: ManagedVLLM, swapper: Swapper, res: FamilyResult) -> None:
+    """The base model against peft without adapter: as vLLM serves it under its path, and
+    under the stable name before any promotion (serving's zero adapter)."""
+    from transformers import AutoTokenizer
+
+    base_dir = cfg.resolved_base_model()
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    ref = parity.load_reference(base_dir, None)
+    res.base = parity.compare(server.url, server.api_key, str(base_dir), ref, tok, label="base")
+    swapper.swap_to(BASE_VERSION, reason="architecture matrix: base first")
+    name = cfg.serving.model_name
+    res.zero = parity.compare(server.url, server.api_key, name, ref, tok, label="zero")
+
+
+def check_adapter(cfg: Config, server: ManagedVLLM, version: str, res: FamilyResult) -> None:
+    """The promoted adapter under the stable name against peft on the same adapter dir."""
     from transformers import AutoTokenizer
 
     base_dir = cfg.resolved_base_model()
     tok = AutoTokenizer.from_pretrained(base_dir)
     base_ref = parity.load_reference(base_dir, None)
-    res.base = parity.compare(
-        server.url, server.api_key, str(base_dir), base_ref, tok, label="base"
-    )
     adapter_ref = parity.load_reference(base_dir, cfg.adapters_dir / version)
     name = cfg.serving.model_name
     res.adapter = parity.compare(
@@ -167,19 +183,24 @@ def run_family(family: str, seed_model: Path, work: Path) -> FamilyResult:
     base = build_family(family, seed_model, work / "models" / family)
     cfg = family_cfg(work / family, base)
     server = start_server(cfg)  # boots while the stage trains
+    swapper: Swapper | None = None
     try:
         sid = train_stage(cfg)
         res.seconds["stage"] = time.monotonic() - t0
         wait_server(server)
         res.seconds["serve"] = time.monotonic() - t0
-        res.version = promote(cfg, server, sid)
+        swapper = Swapper(cfg, [server.endpoint])
+        check_base(cfg, server, swapper, res)
+        res.version = promote(cfg, swapper, sid)
         conf = json.loads((cfg.adapters_dir / res.version / "adapter_config.json").read_text())
         res.targets = sorted(conf["target_modules"])
         res.stable_text = server.endpoint.completion(cfg.serving.model_name, "The vorpal")
-        check_parity(cfg, server, res.version, res)
+        check_adapter(cfg, server, res.version, res)
     except Exception as exc:  # reported per family; the caller decides what fails
         res.error = f"{type(exc).__name__}: {exc}"
     finally:
+        if swapper is not None:
+            swapper.close()
         server.stop()
     res.seconds["total"] = time.monotonic() - t0
     return res

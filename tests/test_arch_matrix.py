@@ -5,6 +5,7 @@ Per family (:func:`tests.matrix.run_family`): one short stage through the real s
 subprocess on ``target_modules = "auto"``, promotion through serving's swap, a completion
 under the stable name, then parity with transformers + peft in fp32: every prompt token's
 log-prob within :data:`BOUND` and identical greedy continuations, for the base model and
+for the base under the stable name before any promotion (serving's zero adapter), and
 for the adapter (which moves log-probs by more than 0.5, so a module vLLM dropped or a
 wrong LoRA scaling would show). One vLLM server per family, booting while the stage
 trains. ``benchmarks/parity.py`` runs the same on every family in :mod:`tests.families`.
@@ -39,7 +40,7 @@ def test_family_trains_is_served_and_matches_peft(
     assert res.version == "v0001" and isinstance(res.stable_text, str)
     assert res.targets == sorted(targets_for_dir(str(tmp_path / "models" / family)))
     assert res.adapter_shift > 0.5, "the adapter barely changes the model: parity proves little"
-    for side in (res.base, res.adapter):
+    for side in res.sides:
         assert side.tokens_compared >= 40
         assert side.max_abs_diff <= BOUND, (family, side)
         assert side.greedy_mismatches == 0, side.details
