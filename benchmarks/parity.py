@@ -32,19 +32,17 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._common import add_smoke_flag, report  # noqa: E402
 from daemon import config as config_mod  # noqa: E402
 from daemon.training.seed import ensure_seed_model  # noqa: E402
-from tests.families import FAMILIES, REFUSED  # noqa: E402
+from tests.families import BOUND, FAMILIES, REFUSED, bound  # noqa: E402
 from tests.matrix import FamilyResult, run_family  # noqa: E402
 
 FIELDS = ("families_ok", "families_tried", "max_abs_logprob_diff", "greedy_mismatches")
-# fp32 on both sides; measured diffs are ~5e-6 (summation order in vLLM's CPU kernels).
-BOUND = 1e-3
 SMOKE_FAMILIES = ("llama",)
 
 
 def family_ok(res: FamilyResult) -> bool:
     worst = max(side.max_abs_diff for side in res.sides)
     mismatches = sum(side.greedy_mismatches for side in res.sides)
-    return res.ok and worst <= BOUND and mismatches == 0 and res.adapter_shift > 0.01
+    return res.ok and worst <= bound(res.family) and mismatches == 0 and res.adapter_shift > 0.01
 
 
 def line(res: FamilyResult) -> str:
@@ -71,6 +69,7 @@ def summarise(results: list[FamilyResult]) -> dict[str, Any]:
         ),
         "greedy_mismatches": sum(side.greedy_mismatches for r in done for side in r.sides),
         "bound": BOUND,
+        "bounds": {r.family: bound(r.family) for r in results},
         "per_family": {
             r.family: {
                 "ok": family_ok(r),

@@ -4,9 +4,10 @@ them under the stable name computing exactly what peft computes.
 Per family (:func:`tests.matrix.run_family`): one short stage through the real stage
 subprocess on ``target_modules = "auto"``, promotion through serving's swap, a completion
 under the stable name, then parity with transformers + peft in fp32: every prompt token's
-log-prob within :data:`BOUND` and identical greedy continuations, for the base model and
-for the base under the stable name before any promotion (serving's zero adapter), and
-for the adapter (which moves log-probs by more than 0.5, so a module vLLM dropped or a
+log-prob within :func:`tests.families.bound` (1e-3; Gemma 2, whose soft-capped
+attention vLLM's CPU kernel computes less exactly: 3e-2) and identical greedy
+continuations, for the base model (under its path, and under the stable name before any
+promotion: serving's zero adapter) and for the adapter (which moves log-probs by more than 0.5, so a module vLLM dropped or a
 wrong LoRA scaling would show). One vLLM server per family, booting while the stage
 trains. ``benchmarks/parity.py`` runs the same on every family in :mod:`tests.families`.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from daemon.training.targets import targets_for_dir
-from tests.families import FAMILIES, REFUSED, architecture
+from tests.families import FAMILIES, REFUSED, architecture, bound
 from tests.matrix import run_family
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -27,7 +28,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 # The six the issue names (Gemma 3 and Granite run in benchmarks/parity.py): each costs a
 # vLLM start (~30 s on 2 quiet cores).
 MATRIX = ("llama", "qwen2", "qwen3", "gemma2", "phi3", "opt")
-BOUND = 1e-3  # fp32 on both sides; measured ~5e-6 (vLLM's CPU kernels sum in another order)
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -42,7 +42,7 @@ def test_family_trains_is_served_and_matches_peft(
     assert res.adapter_shift > 0.5, "the adapter barely changes the model: parity proves little"
     for side in res.sides:
         assert side.tokens_compared >= 40
-        assert side.max_abs_diff <= BOUND, (family, side)
+        assert side.max_abs_diff <= bound(family), (family, side)
         assert side.greedy_mismatches == 0, side.details
 
 
