@@ -70,3 +70,12 @@ def test_config_key_defaults_to_auto_and_rejects_empty() -> None:
     for bad in ([], "all", [""]):
         with pytest.raises(ConfigError, match=r"training\.target_modules"):
             config_mod.from_dict({"training": {"target_modules": bad}})
+
+
+def test_zero_adapter_sits_on_a_layer_each_family_has() -> None:
+    """Serving's zero adapter (the stable name before any promotion) fits Phi-3 too."""
+    from daemon.serving.adapters import _zero_targets
+
+    heads = {**SHAPE, **HEADS, "eos_token_id": 2}
+    assert _zero_targets(_meta("LlamaConfig", **heads)) == ("q_proj", "v_proj")
+    assert _zero_targets(_meta("Phi3Config", **heads)) == ("qkv_proj",)

@@ -143,6 +143,20 @@ def ensure_zero_adapter(cfg: Config) -> Path:
     return final.resolve()
 
 
+def _zero_targets(model: Any) -> tuple[str, ...]:
+    """Where the zero LoRA sits: q_proj/v_proj, or the fused qkv_proj (Phi-3) or, failing
+    both, the first linear layer named in the decoder blocks (any one will do: B = 0)."""
+    import torch
+
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    leaves = {n.rsplit(".", 1)[-1] for n in names}
+    for pick in (("q_proj", "v_proj"), ("qkv_proj",)):
+        if set(pick) <= leaves:
+            return pick
+    in_blocks = [n.rsplit(".", 1)[-1] for n in names if any(p.isdigit() for p in n.split("."))]
+    return tuple(in_blocks[:1])
+
+
 def _build_zero_adapter(base: Path, final: Path) -> None:
     import torch
     from safetensors.torch import save_file
@@ -152,14 +166,14 @@ def _build_zero_adapter(base: Path, final: Path) -> None:
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
     rank = 8
     tensors: dict[str, torch.Tensor] = {}
-    targets = ("q_proj", "v_proj")
+    targets = _zero_targets(model)
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] in targets and isinstance(module, torch.nn.Linear):
             prefix = f"base_model.model.{name}"
             tensors[f"{prefix}.lora_A.weight"] = torch.zeros(rank, module.in_features)
             tensors[f"{prefix}.lora_B.weight"] = torch.zeros(module.out_features, rank)
     if not tensors:
-        raise AdapterRejected(f"base model {base} has no q_proj/v_proj layers for a zero LoRA")
+        raise AdapterRejected(f"base model {base} has no attention projections for a zero LoRA")
     conf = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
