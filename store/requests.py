@@ -56,8 +56,15 @@ def claim_next(
     db: sqlite_utils.Database, *, track: str = "default", now: float | None = None
 ) -> dict[str, Any] | None:
     """Expire the pending requests past their deadline, then mark the oldest pending one
-    ``running`` and return it (None when there is none)."""
+    ``running`` and return it (None when there is none). Called every second by the
+    daemon's main loop, so with nothing pending it only reads (no write lock to wait for
+    behind a long ingest transaction)."""
     now = time.time() if now is None else now
+    pending = db.conn.execute(  # a read first: the idle main loop never queues for the lock
+        "SELECT 1 FROM requests WHERE track = ? AND status = ? LIMIT 1", (track, PENDING)
+    ).fetchone()
+    if pending is None:
+        return None
     with transaction(db):
         stale = db.conn.execute(
             "SELECT id, kind FROM requests WHERE track = ? AND status = ? AND deadline < ?",

@@ -11,6 +11,7 @@ daemon the CLI does the work itself and files no request.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from daemon import config as config_mod
+from daemon import statelock
 from daemon.config import Config
 from daemon.serving.requests import RequestFailed, ask_daemon, serve_requests
 from store import adapters, events
@@ -118,6 +120,22 @@ def test_a_request_nobody_takes_expires_and_never_runs_late(cfg: Config) -> None
         assert serve_requests(cfg, db, None) == 0  # a daemon that wakes up later does nothing
         row = store_requests.get(db, 1)
         assert row is not None and row["status"] == "expired"
+    assert _current(cfg) is None
+
+
+def test_the_cli_gives_up_on_a_daemon_that_does_not_answer(cfg: Config, tmp_path: Path) -> None:
+    """The lock held as a daemon holds it, by a process that never serves requests."""
+    _three_versions(cfg)
+    cfg_file = tmp_path / "evergreen.toml"
+    cfg_file.write_text(f'state_dir = "{cfg.state_path}"\n[serving]\nmode = "none"\n')
+    with statelock.acquire(cfg.state_path, "evergreen run"):
+        line = one_error_line(cli(cfg_file, "promote", "v0002", "--timeout", "1"))
+    assert line == (
+        f"error: the Evergreen daemon (pid {os.getpid()}) did not take the promote request"
+        " within 1 s; nothing was done (is it stuck? see `evergreen status` and its log)"
+    )
+    with open_db(cfg.db_path) as db:
+        assert serve_requests(cfg, db, None) == 0
     assert _current(cfg) is None
 
 
