@@ -77,16 +77,13 @@ def print_error(label: str, exc: BaseException | str) -> None:
     err_console.print(f"[bold red]{label}:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
-# What a write command says when the daemon holds the state dir (see daemon.statelock).
+# What a write command says when the daemon holds the state dir (see daemon.statelock);
+# `promote` and `rollback` ask the daemon to do it instead (daemon/cli_adapters.py).
 _BUSY_HINTS = {
     "train --now": "it trains when its trigger policy fires: drop files into the inbox"
     " ({inbox}) and watch `evergreen status`; stop it to train in the foreground",
     "ingest": "copy the files into its inbox ({inbox}) and it ingests them"
     " (`evergreen status` shows them)",
-    "promote": "it owns promotion and swaps: stop it, promote, then start it again"
-    " (it serves the new current adapter when it starts)",
-    "rollback": "it owns promotion and swaps: stop it, roll back, then start it again"
-    " (it serves the new current adapter when it starts)",
     "seed-model --force": "it trains and serves on this seed model: stop it to rebuild it",
 }
 
@@ -104,7 +101,7 @@ def state_dir_lock(cfg: Config, command: str) -> Iterator[None]:
             raise busy.saying(
                 f"{busy.holder()} is using {cfg.state_path}: wait for it to finish"
             ) from None
-        hint = _BUSY_HINTS[command].format(inbox=cfg.inbox_dir)
+        hint = _BUSY_HINTS.get(command, "stop it first").format(inbox=cfg.inbox_dir)
         pid = f"pid {busy.pid}" if busy.pid else "pid unknown"
         raise busy.saying(
             f"the Evergreen daemon ({pid}) is running on {cfg.state_path}: {hint}"
@@ -312,77 +309,6 @@ def train(ctx: click.Context, now: bool, as_json: bool, no_swap: bool) -> None:
 
 # --------------------------------------------------------------------------- serving
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.pass_context
-@friendly_errors
-def adapters(ctx: click.Context, as_json: bool) -> None:
-    """List adapter versions with status, parent, metrics and the current marker."""
-    from store import adapters as adapters_store
-    from store.db import open_db
-
-    cfg = _load_config(ctx)
-    db = open_db(cfg.db_path)
-    try:
-        rows = adapters_store.list_adapters(db, cfg.track)
-        current = adapters_store.current(db, cfg.track)
-    finally:
-        db.conn.close()
-    if as_json:
-        _print_json({"current": current, "adapters": rows})
-        return
-    table = Table(title=f"adapters ({cfg.track})")
-    for col in ("", "version", "status", "parent", "stage", "new loss", "retention", "general"):
-        table.add_column(col)
-    for row in rows:
-        m = row["metrics"]
-        table.add_row(
-            "*" if row["version"] == current else "",
-            row["version"],
-            row["status"],
-            row["parent_version"] or "-",
-            str(row["stage_id"] or "-"),
-            _fmt(m.get("new_loss")),
-            _fmt(m.get("retention_loss")),
-            _fmt(m.get("general_loss")),
-        )
-    console.print(table)
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, int | float) else "-"
-
-
-@main.command()
-@click.argument("version")
-@click.option("--force", is_flag=True, help="Promote even a version the gate rejected.")
-@click.pass_context
-@friendly_errors
-def promote(ctx: click.Context, version: str, force: bool) -> None:
-    """Make VERSION current and swap it into vLLM (if serving is configured)."""
-    from daemon.serving import promotion
-
-    cfg = _load_config(ctx)
-    reason = "manual promote (forced past the gate)" if force else "manual promote"
-    with state_dir_lock(cfg, "promote"):
-        done = promotion.promote(cfg, version, reason, force=force)
-    console.print(done.message, highlight=False, soft_wrap=True)
-
-
-@main.command()
-@click.argument("version", required=False)
-@click.pass_context
-@friendly_errors
-def rollback(ctx: click.Context, version: str | None) -> None:
-    """Move the current pointer back to VERSION (default: the previous promoted one)."""
-    from daemon.serving import promotion
-
-    cfg = _load_config(ctx)
-    with state_dir_lock(cfg, "rollback"):
-        done = promotion.rollback(cfg, version)
-    console.print(done.message, highlight=False, soft_wrap=True)
-
-
-@main.command()
 @click.pass_context
 @friendly_errors
 def serve(ctx: click.Context) -> None:
@@ -407,3 +333,7 @@ def run(ctx: click.Context) -> None:
 
     cfg = _load_config(ctx)
     sys.exit(run_service(cfg, training=True, reload=_reloader(ctx)))
+
+
+# The adapter commands (`adapters`, `promote`, `rollback`) register themselves on `main`.
+from daemon import cli_adapters  # noqa: E402, F401  (after `main`: it imports it)

@@ -2,7 +2,7 @@
 
 Threads, each with its own SQLite connection:
 - the **main loop** (this thread): watchdog pings, vLLM supervision and reconcile, metrics
-  refresh, the systemd STATUS line. A hung main loop stops the watchdog pings on purpose.
+  refresh, the systemd STATUS line, operator requests (daemon.serving.requests). A hung main loop stops the watchdog pings on purpose.
 - the **watcher** (daemon.ingest): inotify events + periodic rescans -> the store; after each
   batch it pokes the stage worker so triggers are evaluated right after ingest.
 - the **scheduler** (APScheduler, daemon.scheduling.schedule): pokes the stage worker every
@@ -49,6 +49,7 @@ from daemon.scheduling.schedule import start_scheduler
 from daemon.serving import promotion
 from daemon.serving.fleet import Resolver, resolve_addresses
 from daemon.serving.promotion import Promotion
+from daemon.serving.requests import serve_requests
 from daemon.serving.swap import Swapper, SwapResult
 from daemon.serving.vllm import ManagedVLLM
 from daemon.status import collect
@@ -325,6 +326,8 @@ class Service:
                 want = adapters.current(self._db, self.cfg.track) if self._db else None
                 self.metrics.set_replicas(self.swapper.replica_rows(), want)
                 next_reconcile = now + self.cfg.serving.reconcile_interval_s
+            if self._db is not None and serve_requests(self.cfg, self._db, self.swapper):
+                self.refresh_soon.set()  # an operator's promote/rollback moved the pointer
             if now >= next_refresh or self.refresh_soon.is_set():
                 self.refresh_soon.clear()
                 try:

@@ -2,7 +2,9 @@
 
 ``evergreen run``/``serve`` take it before anything else and hold it for the daemon's
 life; the CLI commands that write (``train --now``, ``promote``, ``rollback``, ``ingest``,
-``seed-model --force``) take it for their run. Read-only commands never do. The lock is
+``seed-model --force``) take it for their run; beside a running daemon ``promote`` and
+``rollback`` ask it to do the work instead (:mod:`daemon.serving.requests`). Read-only
+commands never do. The lock is
 the kernel's: it goes with the process that holds it, so a daemon killed with SIGKILL
 leaves no stale lock behind. The file itself stays (deleting it would race a new holder);
 it holds ``<pid> <command>`` of the current holder, for the message a refused process

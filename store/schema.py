@@ -234,6 +234,29 @@ def _m006_stage_output_version(conn: sqlite3.Connection) -> None:
     )
 
 
+def _m007_requests(conn: sqlite3.Connection) -> None:
+    """Operator requests (``evergreen promote``/``rollback``) that the running daemon
+    performs (see :mod:`store.requests`)."""
+    _script(
+        conn,
+        """
+        CREATE TABLE requests (
+            id INTEGER PRIMARY KEY,
+            track TEXT NOT NULL DEFAULT 'default',
+            kind TEXT NOT NULL,            -- promote | rollback
+            args TEXT NOT NULL,            -- JSON
+            status TEXT NOT NULL,          -- pending | running | done | failed | expired
+            message TEXT,
+            created_at REAL NOT NULL,
+            deadline REAL NOT NULL,        -- not started by then: expired, never run late
+            claimed_at REAL,
+            finished_at REAL
+        );
+        CREATE INDEX requests_pending ON requests(track, status, id);
+        """,
+    )
+
+
 # Append only. Never edit a migration that has shipped; add a new one.
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("001_initial", _m001_initial),
@@ -242,6 +265,7 @@ MIGRATIONS: list[tuple[str, Migration]] = [
     ("004_path_key_backslashes", _m004_path_key_backslashes),
     ("005_unreadable_dirs", _m005_unreadable_dirs),
     ("006_stage_output_version", _m006_stage_output_version),
+    ("007_requests", _m007_requests),
 ]
 
 

@@ -2,7 +2,8 @@
 
 Real daemons as subprocesses (tiny seed model, no vLLM, no warm stage process), real
 sockets, the real CLI: a second daemon is refused and the first keeps running; write
-commands beside the daemon are refused with what to do instead; read-only ones are not;
+commands beside the daemon are refused with what to do instead (promote and rollback are
+asked of the daemon instead); read-only ones are not;
 a daemon killed with SIGKILL leaves no stale lock; a port in use is one line and exit 1.
 """
 
@@ -165,8 +166,6 @@ def test_second_daemon_and_write_commands_are_refused_reads_are_not(
     refusals = {
         ("train", "--now"): "drop files into the inbox",
         ("ingest", str(doc)): f"copy the files into its inbox ({tmp_path / 'inbox'})",
-        ("promote", "v0001"): "it owns promotion and swaps: stop it",
-        ("rollback",): "it owns promotion and swaps: stop it",
         ("seed-model", "--force"): "stop it to rebuild it",
     }
     for args, hint in refusals.items():
@@ -175,6 +174,13 @@ def test_second_daemon_and_write_commands_are_refused_reads_are_not(
             f"error: the Evergreen daemon (pid {first.pid}) is running on {state}: "
         ), line
         assert hint in line, line
+    # promote/rollback are not refused: the daemon performs them and answers (test_requests)
+    assert (
+        one_error_line(cli(cfg, "rollback")) == "error: nothing to roll back: no adapter is current"
+    )
+    assert one_error_line(cli(cfg, "promote", "v0001")) == (
+        "error: unknown adapter version 'v0001' on track 'default'"
+    )
     for args in (("status",), ("adapters",), ("config", "show")):  # read-only: never locked
         proc = cli(cfg, *args)
         assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
