@@ -14,7 +14,7 @@ torch/transformers/peft first. The last line printed is one JSON object.
     python benchmarks/freshness.py [--idle-seconds 60] [--keep] [--no-baseline] [--smoke]
 
 ``--smoke`` (CI): the same two daemons on a ~600-word document, 2 s idle, the tiny seed's
-default 30 pretraining steps (not 200), a 30-step stage (not the default recipe's 1000), and the first answer after the promotion ends the
+default 30 pretraining steps (not 200), a 30-step stage (not FACT_TRAINING's >= 1000), and the first answer after the promotion ends the
 clock whether or not 30 steps taught the fact. The daemon runs through
 ``tests/harness.py``, shared with the end-to-end test.
 """
@@ -58,6 +58,12 @@ FIELDS = (
     "baseline_overhead_s",
 )
 SMOKE_TRAINING = {"min_steps": 30, "max_steps": 30, "eval_every": 1000, "epochs": 1.0}
+# The full run teaches one repeated fact, which the default recipe (sized for prose:
+# 4 passes at lr 2e-3, issue #11) does not do in one stage on the tiny seed (measured
+# 2026-12-02: 163 steps, new-data loss 5.99 -> 4.12, answer " V."). This benchmark times
+# the loop, so it keeps the memorising recipe it was first measured with (old defaults:
+# epochs 8, at least 1000 steps, lr 4e-3; early stopping as the defaults).
+FACT_TRAINING = {"passes": 0.0, "epochs": 8.0, "min_steps": 1000, "learning_rate": 4e-3}
 
 
 def build_document(target_words: int = 9000, seed: int = 0) -> str:
@@ -97,9 +103,9 @@ def daemon_config(prewarm: bool, smoke: bool) -> dict[str, Any]:
                 "max_general_regression": 0.5,
             },
         },
-        # The default recipe (TrainingConfig); only the warm stage process is switched per
-        # run (and a short stage in a smoke run).
-        "training": {"prewarm": prewarm, **(SMOKE_TRAINING if smoke else {})},
+        # FACT_TRAINING (a short stage in a smoke run); only the warm stage process is
+        # switched per run.
+        "training": {"prewarm": prewarm, **(SMOKE_TRAINING if smoke else FACT_TRAINING)},
         "serving": {"startup_timeout_s": 600.0},
     }
 
