@@ -11,7 +11,10 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -19,7 +22,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from daemon.config import Config
 from daemon.ingest.chunking import _token_windows, load_tokenizer
 from daemon.ingest.pipeline import ingest_paths
-from tests.ingest_helpers import LOREM, docs, events_of
+from tests.ingest_helpers import LOREM, chunks, docs, events_of
 
 ROOT = Path(__file__).resolve().parents[1]
 BIG_MB = 3
@@ -163,3 +166,39 @@ def test_a_batch_is_bounded_in_bytes_so_a_big_file_is_committed_alone(cfg: Confi
     per_commit = [json.loads(e["data"])["documents"] for e in events_of(cfg, "ingest.ingested")]
     assert per_commit == [2, 1, 1]  # a+b, then m alone, then z
     assert len(docs(cfg)) == 4
+
+
+def test_a_big_batch_is_written_with_a_capped_page_cache_that_is_restored(
+    cfg: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from daemon.ingest import commit
+    from store.db import open_db, page_cache_at_most
+
+    seen: list[int] = []
+    real = page_cache_at_most
+
+    @contextmanager
+    def spy(db: Any, mib: int) -> Iterator[None]:
+        with real(db, mib):
+            seen.append(int(db.conn.execute("PRAGMA cache_size").fetchone()[0]))
+            yield
+
+    monkeypatch.setattr(commit, "BIG_BATCH_BYTES", 3000)
+    monkeypatch.setattr(commit, "page_cache_at_most", spy)
+    inbox = Path(cfg.inbox_dir)
+    inbox.mkdir(parents=True)
+    (inbox / "small.txt").write_text(f"small: {LOREM}")
+    (inbox / "big.txt").write_text(LOREM * 40)
+    summary = ingest_paths(cfg, [inbox / "small.txt"])
+    summary = ingest_paths(cfg, [inbox / "big.txt"])
+    assert summary["outcomes"]["ingested"] == 1
+    assert seen == [-1024 * commit.BIG_BATCH_CACHE_MIB]  # only the big batch was capped
+    stored = [d for d in docs(cfg) if d["path"].endswith("big.txt")]
+    assert len(stored) == 1 and stored[0]["n_chunks"] == summary["chunks"] > 1
+    assert len(chunks(cfg, stored[0]["id"])) == summary["chunks"]
+    with open_db(cfg.db_path, cache_mib=64) as db:
+        with page_cache_at_most(db, 8):
+            assert db.conn.execute("PRAGMA cache_size").fetchone()[0] == -8192
+        assert db.conn.execute("PRAGMA cache_size").fetchone()[0] == -65536
+        with page_cache_at_most(db, 128):  # never raised
+            assert db.conn.execute("PRAGMA cache_size").fetchone()[0] == -65536

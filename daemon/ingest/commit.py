@@ -18,6 +18,7 @@ import hashlib
 import logging
 import sqlite3
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import sqlite_utils
@@ -59,8 +60,9 @@ class Committer:
         if all(p.skip is not None for p in batch):
             return results
         written = sum(p.size for p in batch if p.skip is None)
-        cap = BIG_BATCH_CACHE_MIB if written > BIG_BATCH_BYTES else 1 << 20
-        with page_cache_at_most(self.db, cap), transaction(self.db):
+        big = written > BIG_BATCH_BYTES
+        capped = page_cache_at_most(self.db, BIG_BATCH_CACHE_MIB) if big else nullcontext()
+        with capped, transaction(self.db):
             for i, p in enumerate(batch):
                 if p.skip is None:
                     results[i] = self._apply_isolated(p)
