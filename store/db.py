@@ -202,3 +202,28 @@ def _rollback_if_open(conn: sqlite3.Connection, *statements: str) -> None:
     if conn.in_transaction:
         for statement in statements:
             conn.execute(statement)
+
+
+@contextmanager
+def page_cache_at_most(db: sqlite_utils.Database, mib: int) -> Iterator[None]:
+    """Cap this connection's page cache at ``mib`` MiB for a while (then restore it).
+
+    A transaction that writes a lot fills the cache with dirty pages up to its size; a
+    smaller cache makes SQLite spill them to the WAL early instead of holding them.
+    """
+    conn = db.conn
+    before = int(conn.execute("PRAGMA cache_size").fetchone()[0])
+    limit = -1024 * int(mib)  # negative = KiB
+    current_kib = -before if before < 0 else before * _page_size_kib(conn)
+    if current_kib <= -limit:
+        yield
+        return
+    conn.execute(f"PRAGMA cache_size = {limit}")
+    try:
+        yield
+    finally:
+        conn.execute(f"PRAGMA cache_size = {before}")
+
+
+def _page_size_kib(conn: sqlite3.Connection) -> int:
+    return max(1, int(conn.execute("PRAGMA page_size").fetchone()[0]) // 1024)

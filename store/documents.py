@@ -24,7 +24,7 @@ INGESTED, TRAINED, SUPERSEDED, QUARANTINED = "ingested", "trained", "superseded"
 PENDING, DROPPED = "pending", "dropped"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # no __dict__: a big file has 10^5 chunks
 class ChunkIn:
     """A chunk as the ingest pipeline produces it."""
 
@@ -89,10 +89,10 @@ def insert_document(
         db.conn.executemany(
             "INSERT INTO chunks (track, document_id, seq, kind, text, n_tokens, split, status,"
             " created_at) VALUES (?,?,?,?,?,?,?,?,?)",
-            [
+            (  # a generator: a big document's rows are not built all at once
                 (track, doc_id, i, c.kind, c.text, c.n_tokens, c.split, PENDING, now)
                 for i, c in enumerate(chunks)
-            ],
+            ),
         )
     return doc_id
 

@@ -19,6 +19,7 @@ import hashlib
 import json
 import threading
 from collections.abc import Generator, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -72,21 +73,24 @@ class Chunker:
         self.tokenizer = tokenizer
 
     def chunk(self, segments: list[Segment]) -> list[ChunkIn]:
-        pieces: list[tuple[str, int, str]] = []  # (kind, n_tokens, text)
+        hf = self.holdout_fraction
+        chunks = [
+            ChunkIn(text=t, n_tokens=n, split=split_of(t, hf), kind=k)
+            for k, n, t in self._pieces(segments)
+        ]
+        if chunks and all(c.split == HOLDOUT for c in chunks):
+            chunks = [replace(c, split=TRAIN) for c in chunks]
+        return chunks
+
+    def _pieces(self, segments: list[Segment]) -> Iterator[tuple[str, int, str]]:
+        """``(kind, n_tokens, text)`` of every chunk, produced lazily."""
         for seg in segments:
             if seg.kind == "chat":
                 text = json.dumps(seg.messages, ensure_ascii=False)
                 body = "\n".join(m["content"] for m in seg.messages)
-                pieces.append(("chat", self.count(body), text))
+                yield ("chat", self.count(body), text)
             else:
-                pieces.extend(("text", n, t) for n, t in self.windows(seg.text))
-        splits = [split_of(t, self.holdout_fraction) for _, _, t in pieces]
-        if splits and all(s == HOLDOUT for s in splits):
-            splits = [TRAIN] * len(splits)
-        return [
-            ChunkIn(text=t, n_tokens=n, split=s, kind=k)
-            for (k, n, t), s in zip(pieces, splits, strict=True)
-        ]
+                yield from (("text", n, t) for n, t in self.windows(seg.text))
 
     def count(self, text: str) -> int:
         if self.tokenizer is None:

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import sqlite3
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import sqlite_utils
@@ -27,9 +28,14 @@ from daemon.ingest.outcome import DUPLICATE, INGESTED, QUARANTINED, UNCHANGED, O
 from daemon.ingest.parsers import Quarantine
 from daemon.ingest.prepare import same_stat
 from store import documents, events, files
-from store.db import savepoint, transaction
+from store.db import page_cache_at_most, savepoint, transaction
 
 log = logging.getLogger("evergreen.ingest")
+
+# A batch holding more bytes than this is written with the page cache capped: its dirty
+# pages go to the WAL as they come instead of filling the bulk-ingest cache (64 MiB).
+BIG_BATCH_BYTES = 8 * 1024 * 1024
+BIG_BATCH_CACHE_MIB = 8
 
 _FILE_STATUS = {
     INGESTED: files.INGESTED,
@@ -53,7 +59,10 @@ class Committer:
         results: dict[int, Outcome] = {}
         if all(p.skip is not None for p in batch):
             return results
-        with transaction(self.db):
+        written = sum(p.size for p in batch if p.skip is None)
+        big = written > BIG_BATCH_BYTES
+        capped = page_cache_at_most(self.db, BIG_BATCH_CACHE_MIB) if big else nullcontext()
+        with capped, transaction(self.db):
             for i, p in enumerate(batch):
                 if p.skip is None:
                     results[i] = self._apply_isolated(p)

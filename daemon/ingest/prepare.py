@@ -27,13 +27,22 @@ from daemon.ingest.chunking import Chunker, load_tokenizer
 from daemon.ingest.clean import clean_segments
 from daemon.ingest.discover import inside, path_key
 from daemon.ingest.outcome import IGNORED, UNCHANGED, Prepared
-from daemon.ingest.parsers import Quarantine
+from daemon.ingest.parsers import Quarantine, Segment
 from store import files
 from store.documents import ChunkIn
 
 log = logging.getLogger("evergreen.ingest")
 
 TOKENIZER_RECHECK_S = 10.0  # how often a missing tokenizer.json is looked for again
+HASH_SLICE_CHARS = 1 << 20  # a long text is hashed a slice at a time
+
+
+def _text_digest(text: str) -> str:
+    """SHA-256 of ``text`` as UTF-8, encoded a slice at a time (no whole-text copy)."""
+    h = hashlib.sha256()
+    for i in range(0, len(text), HASH_SLICE_CHARS):
+        h.update(text[i : i + HASH_SLICE_CHARS].encode("utf-8"))
+    return h.hexdigest()
 
 
 class _Done(Exception):
@@ -104,11 +113,15 @@ class Preparer:
         fmt, suffix = self._check(path, st)
         data, st = self._read(path, root, st, is_link=is_link)
         prepared = Prepared(path, size=len(data), mtime=st.st_mtime, fmt=fmt)
+        # A quarantine names the raw bytes; hashed now so the bytes can go after parsing.
+        raw_hash = "quarantine:" + hashlib.sha256(data).hexdigest()
         try:
-            prepared.chunks, prepared.content_hash = self._process(data, suffix)
+            segments = parsers.parse(data, suffix).segments
+            del data  # a big file is not held three times (bytes, parsed, cleaned)
+            prepared.chunks, prepared.content_hash = self._process(segments)
         except Quarantine as q:
             prepared.quarantine = q
-            prepared.content_hash = "quarantine:" + hashlib.sha256(data).hexdigest()
+            prepared.content_hash = raw_hash
         return prepared
 
     def _stat(self, path: str, root: str | None) -> tuple[os.stat_result, bool]:
@@ -184,22 +197,25 @@ class Preparer:
             raise _Done(quarantined_unread(path, st, parsers.TOO_LARGE, detail))
         return data, st_fd
 
-    def _process(self, data: bytes, suffix: str) -> tuple[list[ChunkIn], str]:
-        """Parse, clean and chunk; the content hash of what the chunks say."""
+    def _process(self, parsed: list[Segment]) -> tuple[list[ChunkIn], str]:
+        """Clean and chunk; the content hash of what the chunks say.
+
+        ``parsed`` is emptied once cleaned, so the parsed text is freed before chunking.
+        """
         ic = self.cfg.ingest
-        parsed = parsers.parse(data, suffix)
         segments = clean_segments(
-            parsed.segments,
+            parsed,
             min_chars=ic.min_chars,
             max_garbage_ratio=ic.max_garbage_ratio,
             pii_scrub=ic.pii_scrub,
         )
+        parsed.clear()
+        single = len(segments) == 1 and segments[0].kind == "text"
+        digest = _text_digest(segments[0].text) if single else ""
         chunks = self.chunker().chunk(segments)
         if not chunks:
             raise Quarantine(parsers.EMPTY, "no chunks after cleaning")
-        if len(segments) == 1 and segments[0].kind == "text":
-            digest = hashlib.sha256(segments[0].text.encode("utf-8")).hexdigest()
-        else:
+        if not single:
             h = hashlib.sha256()
             for c in chunks:
                 h.update(c.kind.encode() + b"\x1f" + c.text.encode("utf-8") + b"\x1e")
