@@ -122,6 +122,7 @@ def test_stage_and_vllm_environments_carry_the_split(tmp_path: Path) -> None:
     got = ManagedVLLM(off).environment().get("VLLM_CPU_OMP_THREADS_BIND")
     assert got == os.environ.get("VLLM_CPU_OMP_THREADS_BIND")  # ours, untouched
 
+
 def test_torchrun_command_and_no_warm_process(tmp_path: Path) -> None:
     from daemon.training import spawn
 
