@@ -122,7 +122,7 @@ def measure(
         cfg["base_model"] = base_model
     with start_daemon(tmp, cfg, poll_s=0.25) as d:
         print("starting the daemon (tiny seed model + managed vLLM)...", flush=True)
-        d.wait_for(d.healthy, 900, "the daemon to be ready")
+        d.wait_for(d.ready_at, 900, "the daemon to be ready (READY=1: vLLM up, the adapter served)")
 
         idle_cpu = idle_rss_mb = float("nan")
         if idle_seconds > 0:

@@ -229,17 +229,18 @@ class Service:
         self._start_metrics()  # first: a port in use fails in a second, before vLLM starts
         if self.training or cfg.serving.mode == "managed":
             self._ensure_base_model(cfg_file)
-        self._start_serving()
-        if self.training:
-            self.worker = StageWorker(self)
-            self.worker.start()
-            self.scheduler = start_scheduler(self.worker.poke, cfg.policy.interval_s)
+        if self.training:  # ingest needs no vLLM: files dropped while it starts are stored
             self.watcher = InboxWatcher(
                 cfg,
                 on_change=lambda _summary: self._poke(),
                 on_outcome=self.metrics.on_ingest_outcome,
             )
             self.watcher.start()
+        self._start_serving()
+        if self.training:
+            self.worker = StageWorker(self)
+            self.worker.start()
+            self.scheduler = start_scheduler(self.worker.poke, cfg.policy.interval_s)
             self._poke()
         self._refresh_metrics()
         self.notifier.ready(self._status_line())
