@@ -66,17 +66,24 @@ def test_sliced_token_windows_equal_whole_text_windows(model_dir: Path) -> None:
 
 _CHILD = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     from pathlib import Path
     from daemon import config as config_mod
     from daemon.ingest.pipeline import ingest_paths
 
+    def peak_kib():
+        # VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child forked from a big
+        # parent (pytest with torch loaded: ~930 MB) reports the parent's peak.
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+
     state, model, inbox, warm = (Path(a) for a in sys.argv[1:5])
     cfg = config_mod.from_dict({"state_dir": str(state), "base_model": str(model)})
     ingest_paths(cfg, [warm])  # imports, tokenizer and store are loaded before measuring
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_kib()
     summary = ingest_paths(cfg, [inbox])
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = peak_kib()
     print(json.dumps({"growth_kib": after - before, "peak_kib": after, "summary": summary}))
     """
 )

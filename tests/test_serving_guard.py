@@ -230,7 +230,11 @@ def test_failed_load_does_not_bind_a_pinned_name(guarded: Served) -> None:
     v2 = str(guarded.cfg.adapters_dir / "v0002")
     resp = guarded.post(load, {"lora_name": "evergreen-v0003", "lora_path": v2}, admin=True)
     assert resp.status_code == 409, resp.text
-    assert guarded.server.endpoint.completion("evergreen-v0003", "def main", max_tokens=4)
+    # ... and serves them (ignore_eos: a tiny model may well answer with EOS first).
+    body = {"model": "evergreen-v0003", "prompt": "def main", "max_tokens": 4, "ignore_eos": True}
+    resp = guarded.post("/v1/completions", body)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["completion_tokens"] == 4
 
 
 def _engine_events(cfg: Config) -> list[dict]:
