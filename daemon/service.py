@@ -9,8 +9,7 @@ Threads, each with its own SQLite connection:
   ``policy.interval_s``.
 - the **stage worker** (daemon/worker.py): on a poke, scores new data when a policy reads
   scores, evaluates the trigger policy and, when it fires, runs one stage (plan ->
-  subprocess -> eval -> gate -> promote -> swap). One stage at a time by construction:
-  there is one worker.
+  subprocess -> eval -> gate -> promote -> swap); one worker, so one stage at a time.
 
 The layers (daemon.ingest, daemon.training, daemon.serving) never import each other; this
 module wires them: the runner gets :meth:`Service.promote` (serving's promotion with the
@@ -53,7 +52,7 @@ from daemon.serving.requests import serve_requests
 from daemon.serving.swap import Swapper, SwapResult
 from daemon.serving.vllm import ManagedVLLM
 from daemon.status import collect
-from daemon.training import modelcheck
+from daemon.training import modelcheck, seed_data
 from daemon.worker import StageWorker
 from store import adapters, documents, files, stages
 from store.contracts import StageResult
@@ -152,8 +151,7 @@ class Service:
         return path
 
     def _ensure_base_model(self, cfg_file: Path) -> None:
-        """The base model exists (the seed is built when none is configured) and passes
-        ``evergreen check-model`` (cached once it passed): else one line, exit 1."""
+        """The base model exists (the seed built if none is set) and passes check-model."""
         base = self.cfg.resolved_base_model()
         if self.cfg.base_model and not (base / "config.json").exists():
             raise ServiceError(
@@ -168,6 +166,8 @@ class Service:
             )
             if proc.returncode != 0:
                 raise ServiceError(f"seed model build failed (exit {proc.returncode})")
+        elif not self.cfg.base_model:  # a seed built before prompts got <s>: same tokenizer
+            seed_data.ensure_bos_on_prompts(base)
         self.notifier.status("checking the base model")
         modelcheck.require_usable(self.cfg, base)
 
