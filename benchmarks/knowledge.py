@@ -276,6 +276,18 @@ def run_knowledge(
     eval_path.write_text(
         "".join(json.dumps({"prompt": f["prompt"], "answer": f["answer"]}) + "\n" for f in facts)
     )
+    # Memorisation, beside extraction: the document's own sentence up to the answer. A
+    # method can fail the questions yet teach the text better (or not at all).
+    memory_path = state / "memory.jsonl"
+    memory_path.write_text(
+        "".join(
+            json.dumps(
+                {"prompt": f["sentence"].split(f["answer"])[0].strip(), "answer": f["answer"]}
+            )
+            + "\n"
+            for f in facts
+        )
+    )
     cfg = config_mod.from_dict(
         {
             "state_dir": str(state),
@@ -284,7 +296,7 @@ def run_knowledge(
             "augment": {"method": method, "k": k, "seed": data_seed},
             "training": {
                 **training,
-                "eval_sets": [str(eval_path)],
+                "eval_sets": [str(eval_path), str(memory_path)],
                 "eval_match": "contains",
             },
             "policy": {"promotion": {"name": "gate", "min_new_improvement": 0.0}},
@@ -309,6 +321,7 @@ def run_knowledge(
         "k": k,
         "recall": m["candidate"]["eval:questions"] / 100.0,
         "recall_base": m["baseline"]["eval:questions"] / 100.0,
+        "memorised": m["candidate"]["eval:memory"] / 100.0,
         "synthetic_texts": report.kept,
         "tokens_per_new_token": (new_tokens + sum(map(ntok, syn_texts))) / max(1, new_tokens),
         "steps": m["training"]["steps"],
@@ -317,7 +330,8 @@ def run_knowledge(
         "stage_s": round(time.time() - t0, 1),
     }
     print(
-        f"  [knowledge] {label:16s} recall {out['recall']:.2f} (base {out['recall_base']:.2f})"
+        f"  [knowledge] {label:16s} recall {out['recall']:.2f} (base {out['recall_base']:.2f},"
+        f" own sentence {out['memorised']:.2f})"
         f" | {report.kept} synthetic texts, trained tokens x{out['tokens_per_new_token']:.1f}"
         f" | {out['steps']} steps | general drift {out['general_drift']:+.1%}"
         f" | {out['stage_s']:.0f}s",
@@ -482,6 +496,7 @@ def real_text_stage(
     gate: dict[str, Any],
 ) -> dict[str, Any]:
     """Ingest the train sections through the real ingest and run one stage (real gate)."""
+    from daemon.augment import augment_pending
     from daemon.ingest.pipeline import ingest_paths
 
     state = work / "realtext" / label
@@ -503,6 +518,8 @@ def real_text_stage(
     summary = ingest_paths(cfg, [inbox])
     t0 = time.time()
     with open_db(cfg.db_path) as db:
+        # As the daemon does after ingest: the default [augment] method (none today).
+        augment_pending(cfg, db, limit=1_000_000)
         res = runner.run_stage(cfg, db, promote=_store_only(cfg))
     stage_s = time.time() - t0
     if res.status not in ("promoted", "rejected"):
@@ -678,7 +695,17 @@ def main() -> None:
                 "best_method": f"{best['method']}:{best['k']}",
                 "augment_tokens_per_new_token": best["tokens_per_new_token"],
                 "knowledge_runs": [
-                    {k: r[k] for k in ("method", "k", "recall", "tokens_per_new_token", "stage_s")}
+                    {
+                        k: r[k]
+                        for k in (
+                            "method",
+                            "k",
+                            "recall",
+                            "memorised",
+                            "tokens_per_new_token",
+                            "stage_s",
+                        )
+                    }
                     for r in runs
                 ],
                 "knowledge_not_run": dict.fromkeys(

@@ -172,6 +172,82 @@ class Sentences(MethodBase):
         return out[: self.max_samples]
 
 
+_WORD = re.compile(r"\S+")
+_EDGE = ".,;:!?\"'()[]"
+
+
+def _protected(word: str) -> bool:
+    """Words an edit must keep: names and figures (capitalised, or holding a digit), which
+    are what a fact is about; the words around them are what a question rephrases."""
+    core = word.strip(_EDGE)
+    return bool(core) and (core[0].isupper() or any(c.isdigit() for c in core))
+
+
+@register("augment", "edit")
+class Edit(MethodBase):
+    """k noisy copies of a chunk: random word deletion, swap and insertion around the
+    names, sentences shuffled (EDA, Wei & Zou 2019, applied to knowledge text).
+
+    A fact stated once is learnt as one exact context -> answer. A question phrases that
+    context differently, so nothing retrieves the answer. Copies in which the words
+    between a name and its attribute vary, while the name and the attribute stay, teach
+    the attribute as following the *name* rather than one wording, which is what a
+    differently phrased question still shares. Names and figures (capitalised words,
+    words with digits) are never edited, so no fact is lost or invented; only the filler
+    changes. Blocks with line breaks (code, lists, tables) are copied unchanged.
+    """
+
+    p_delete: float = Field(0.3, ge=0.0, le=0.9, description="Chance to drop a plain word.")
+    p_swap: float = Field(0.1, ge=0.0, le=0.9, description="Chance to swap two neighbours.")
+    p_insert: float = Field(
+        0.1, ge=0.0, le=0.9, description="Chance to insert a plain word of the chunk."
+    )
+    shuffle_sentences: bool = Field(True, description="Also shuffle sentence order.")
+
+    def _edit(self, sentence: str, pool: list[str], rng: random.Random) -> str:
+        words = _WORD.findall(sentence)
+        end = words[-1][-1] if words and words[-1][-1] in ".!?" else ""
+        if end:
+            words[-1] = words[-1][:-1]
+        out: list[str] = []
+        for w in words:
+            if w and (_protected(w) or rng.random() >= self.p_delete):
+                out.append(w)
+            if pool and rng.random() < self.p_insert:
+                out.append(rng.choice(pool))
+        for i in range(len(out) - 1):
+            if rng.random() < self.p_swap and not (_protected(out[i]) or _protected(out[i + 1])):
+                out[i], out[i + 1] = out[i + 1], out[i]
+        return " ".join(out) + end
+
+    def expand(self, text: str, k: int, rng: random.Random) -> list[Variant]:
+        blocks = units(text)
+        prose = [s for block in blocks for s in block if "\n" not in s]
+        # Inserted words come from the chunk's own filler (never a name: that would
+        # state a fact the chunk does not), so a copy stays on the chunk's topic.
+        plain = {w.strip(_EDGE) for s in prose for w in _WORD.findall(s) if not _protected(w)}
+        pool = sorted(plain - {""})
+        out: list[Variant] = []
+        seen = {render(blocks)}
+        for _ in range(k * PERMUTE_TRIES_PER_COPY):
+            if len(out) >= k:
+                break
+            copy = []
+            for block in blocks:
+                if len(block) == 1 and "\n" in block[0]:
+                    copy.append(block)
+                    continue
+                edited = [self._edit(s, pool, rng) for s in block]
+                if self.shuffle_sentences:
+                    rng.shuffle(edited)
+                copy.append(edited)
+            candidate = render(copy)
+            if candidate not in seen:
+                seen.add(candidate)
+                out.append(Variant(f"edit{len(out) + 1}", candidate))
+        return out
+
+
 @register("augment", "self")
 class SelfRewrite(MethodBase):
     """The served model rewrites each chunk: every ``augment.prompts`` template, k samples.

@@ -75,6 +75,31 @@ def test_permute_moves_code_blocks_whole_and_skips_single_sentences() -> None:
     assert fixed.expand(TWO_PARAGRAPHS, 3, random.Random(0)) == []
 
 
+def test_edit_keeps_names_and_figures_and_varies_only_the_filler() -> None:
+    method = policy_base.build("augment", {"name": "edit", "p_delete": 0.5, "p_insert": 0.3})
+    a = method.expand(TWO_PARAGRAPHS, 6, random.Random(3))
+    assert a == method.expand(TWO_PARAGRAPHS, 6, random.Random(3)) and len(a) == 6
+    assert len({v.text for v in a}) == 6
+
+    def words(text: str) -> list[str]:
+        return [w.strip(".,") for w in text.split()]
+
+    names = ["Vell", "Ashen", "212", "Orm", "Dunmere"]
+    filler = set(words(TWO_PARAGRAPHS))
+    for v in a:
+        for name in names:  # every name and figure survives, as often as in the source
+            assert words(v.text).count(name) == words(TWO_PARAGRAPHS).count(name)
+        assert set(words(v.text)) <= filler  # inserted words are the chunk's own
+        assert v.text.count("\n\n") == 1  # paragraphs stay apart
+    assert any(len(v.text.split()) < len(TWO_PARAGRAPHS.split()) for v in a)  # deletions
+
+
+def test_edit_copies_code_blocks_unchanged() -> None:
+    method = policy_base.build("augment", {"name": "edit", "p_delete": 0.9})
+    for v in method.expand(CODE_AND_PROSE, 3, random.Random(0)):
+        assert "def main():\n    return 1" in v.text
+
+
 def test_sentences_are_anchored_on_the_first_sentence() -> None:
     out = policy_base.build("augment", {"name": "sentences"}).expand(BIO, 2, random.Random(0))
     first = "Mira Okafor was born in Lagos in 1987."
