@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from daemon.training import runner
-from store import stages
+from store import adapters, stages
 from store.db import open_db
 from tests.fixtures_model import add_doc
-from tests.test_distributed_stage import FACTS, _cfg, _one_stage, _promote
+from tests.test_distributed_stage import FACTS, _cfg, _one_stage, _promote, kill_rank1_mid_stage
 
 pytestmark = pytest.mark.slow
 
@@ -56,6 +56,7 @@ def test_fsdp_ranks_match_one_process_and_publish_a_peft_adapter(
     assert any(float(p.abs().sum()) > 0 for n, p in loaded.items() if "lora_B" in n)  # trained
     log = (path.parent.parent / "stages" / "1" / "stage.log").read_text()
     assert "rank 1/2" in log and "Traceback" not in log.split("published")[0]
+    assert "FSDP: 2 decoder layers, then the root, sharded over 2 ranks" in log
 
 
 def test_a_stopped_fsdp_stage_checkpoints_full_weights_and_resumes(
@@ -90,4 +91,17 @@ def test_a_stopped_fsdp_stage_checkpoints_full_weights_and_resumes(
     assert t["resumed_from_step"] >= 2
     assert t["steps"] == t["total_steps"] or t["stopped_early"], t
     assert out.metrics["candidate"]["new_loss"] < out.metrics["baseline"]["new_loss"] - 0.05
+    db.conn.close()
+
+
+def test_a_killed_fsdp_rank_fails_the_stage_cleanly(tmp_path: Path, tiny_seed_model: Path) -> None:
+    cfg = _cfg(tmp_path, tiny_seed_model, "torchrun", distributed="fsdp", epochs=400.0)
+    db = open_db(cfg.db_path)
+    add_doc(db, FACTS[:6], holdout=FACTS[6:])
+    res = kill_rank1_mid_stage(cfg, db)  # rank 0 waits in an all-gather that never ends
+    assert res.status == "failed", res
+    row = stages.get(db, 1)
+    assert row is not None and row["status"] == "failed" and row["reason"]
+    assert adapters.list_adapters(db, "default") == []
+    assert not (cfg.adapters_dir / "v0001").exists()
     db.conn.close()

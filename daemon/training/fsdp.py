@@ -35,6 +35,7 @@ from typing import Any
 from daemon.config import TrainingConfig
 from daemon.training import checkpoint, lora
 from daemon.training.distributed import Ranks
+from daemon.training.report import say
 from store.contracts import StagePlan
 
 
@@ -46,9 +47,12 @@ def shard(model: Any, ranks: Ranks) -> Any:
 
     kind = "cuda" if torch.cuda.is_available() else "cpu"
     mesh = init_device_mesh(kind, (ranks.world,))
-    for layer in decoder_layers(model):
+    layers = decoder_layers(model)
+    for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    if ranks.main:
+        say(f"FSDP: {len(layers)} decoder layers, then the root, sharded over {ranks.world} ranks")
     return model
 
 
