@@ -1,4 +1,4 @@
-"""One stage plan trained by 1 process and by 2 (torchrun, DDP), side by side.
+"""One stage plan trained by 1 process and by 2 (torchrun: DDP, then FSDP), side by side.
 
 Real store, real plan, the tiny seed model, the real stage subprocess: once with
 ``training.launcher = "local"`` and once with ``"torchrun"`` and ``nproc_per_node = 2``
@@ -11,8 +11,14 @@ expected. On 8 GPUs the same code runs 8 ranks with nccl, one per GPU, each doin
 each step's micro-batches: the stage should take about 1/8 of the time minus the
 all-reduce of the LoRA gradients (a few MB per step at rank 64), i.e. near-linear.
 
+The third run is the same plan with ``training.distributed = "fsdp"``: FSDP2 shards every
+weight over the 2 ranks and all-gathers each layer's weights in every forward and
+backward, so on CPU it costs more than DDP for the same steps; it exists for a base
+model that does not fit one device, where it is the only way to train at all.
+
 Last line: JSON with ``tokens_per_s_1``, ``tokens_per_s_2``, ``loss_delta`` (relative
-holdout-loss difference, 2 processes vs 1), plus the raw losses, steps and wall times.
+holdout-loss difference, 2 processes vs 1), the same for FSDP (``tokens_per_s_2_fsdp``,
+``loss_delta_fsdp``), plus the raw losses, steps and wall times.
 Usage: ``python benchmarks/distributed.py [--base-model DIR] [--smoke]``.
 """
 
@@ -37,7 +43,17 @@ from daemon.training import runner  # noqa: E402
 from store.db import open_db  # noqa: E402
 from tests.fixtures_model import add_doc  # noqa: E402
 
-FIELDS = ["tokens_per_s_1", "tokens_per_s_2", "loss_delta", "loss_1", "loss_2", "steps"]
+FIELDS = [
+    "tokens_per_s_1",
+    "tokens_per_s_2",
+    "loss_delta",
+    "loss_1",
+    "loss_2",
+    "steps",
+    "tokens_per_s_2_fsdp",
+    "loss_delta_fsdp",
+    "loss_2_fsdp",
+]
 
 
 def facts(n: int) -> tuple[list[str], list[str]]:
@@ -52,7 +68,9 @@ def facts(n: int) -> tuple[list[str], list[str]]:
     return train, hold
 
 
-def one_run(state: Path, base: str, launcher: str, epochs: float, n: int) -> dict[str, Any]:
+def one_run(
+    state: Path, base: str, launcher: str, epochs: float, n: int, *, distributed: str = "ddp"
+) -> dict[str, Any]:
     state.mkdir(parents=True)
     cfg = config_mod.from_dict(
         {
@@ -62,6 +80,7 @@ def one_run(state: Path, base: str, launcher: str, epochs: float, n: int) -> dic
             "serving": {"mode": "none"},
             "training": {
                 "launcher": launcher,
+                "distributed": distributed,
                 "nproc_per_node": 2,
                 "epochs": epochs,
                 "passes": 0.0,
@@ -120,10 +139,13 @@ def main() -> int:
         print(f"1 process:   {one}", flush=True)
         two = one_run(state / "two", base, "torchrun", epochs, n)
         print(f"2 processes: {two}", flush=True)
+        fsdp = one_run(state / "fsdp", base, "torchrun", epochs, n, distributed="fsdp")
+        print(f"2 processes, FSDP: {fsdp}", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(state, ignore_errors=True)
     delta = (two["loss"] - one["loss"]) / one["loss"]
+    delta_fsdp = (fsdp["loss"] - one["loss"]) / one["loss"]
     load = os.getloadavg()[0]
     summary = [
         "",
@@ -132,6 +154,8 @@ def main() -> int:
         f" ({two['wall_s']:.1f} s wall, torchrun start-up included)",
         f"holdout loss {one['base_loss']:.3f} -> {one['loss']:.4f} (1) vs {two['loss']:.4f} (2):"
         f" delta {delta:+.2%}",
+        f"FSDP, 2 processes: {fsdp['tps']:.0f} tok/s ({fsdp['wall_s']:.1f} s wall),"
+        f" holdout loss {fsdp['loss']:.4f}: delta {delta_fsdp:+.2%}",
         f"load average {load:.1f} on {os.cpu_count()} cores: figures are provisional",
     ]
     result = {
@@ -145,6 +169,11 @@ def main() -> int:
         "processes_2": two["processes"],
         "wall_s_1": round(one["wall_s"], 1),
         "wall_s_2": round(two["wall_s"], 1),
+        "tokens_per_s_2_fsdp": round(fsdp["tps"], 1),
+        "loss_delta_fsdp": round(delta_fsdp, 5),
+        "loss_2_fsdp": round(fsdp["loss"], 5),
+        "steps_2_fsdp": fsdp["steps"],
+        "wall_s_2_fsdp": round(fsdp["wall_s"], 1),
         "load_avg_1m": round(load, 2),
         "smoke": args.smoke,
     }

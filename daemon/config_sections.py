@@ -158,6 +158,16 @@ class TrainingConfig(Section):
         "'local': a stage is one process. 'torchrun': python -m torch.distributed.run starts "
         "nproc_per_node x nnodes ranks (DDP; gloo on CPU, nccl on GPU); prewarm is not used.",
     )
+    distributed: Literal["ddp", "fsdp"] = opt(
+        "ddp",
+        "torchrun only: how the ranks share the model. 'ddp': every rank holds the whole "
+        "model and the LoRA gradients are all-reduced (the fastest while the base model fits "
+        "one device). 'fsdp': PyTorch FSDP2 shards every weight, the frozen base included, "
+        "over the ranks (each decoder layer, then the root), gathering a layer only while it "
+        "computes: pick it when the base model does not fit one device's memory for "
+        "training; it costs an all-gather of the weights in every forward and backward. "
+        "Evaluation and publishing run on rank 0 with the whole model (inference only).",
+    )
     nproc_per_node: int = num(
         1, 1, 1024, "torchrun: processes per node (one per GPU on a GPU node)."
     )

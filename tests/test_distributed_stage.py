@@ -9,11 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
+import sqlite_utils
 
 from daemon.config import Config
 from daemon.serving import promotion
 from daemon.training import runner
 from store import adapters, stages
+from store.contracts import StageResult
 from store.db import open_db
 from tests.fixtures_model import add_doc, make_tiny_cfg
 
@@ -102,12 +104,8 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def test_a_killed_rank_fails_the_stage_cleanly_and_the_next_stage_runs(
-    tmp_path: Path, tiny_seed_model: Path
-) -> None:
-    cfg = _cfg(tmp_path, tiny_seed_model, "torchrun", epochs=400.0)
-    db = open_db(cfg.db_path)
-    add_doc(db, FACTS[:6], holdout=FACTS[6:])
+def kill_rank1_mid_stage(cfg: Config, db: sqlite_utils.Database) -> StageResult:
+    """Run a stage (of the pending data), SIGKILL rank 1 once it trains; its result."""
     seen: list[dict] = []
     got: list = []
     t = threading.Thread(
@@ -131,6 +129,16 @@ def test_a_killed_rank_fails_the_stage_cleanly_and_the_next_stage_runs(
         t.join(timeout=300)
     assert not t.is_alive()
     (res,) = got
+    return res
+
+
+def test_a_killed_rank_fails_the_stage_cleanly_and_the_next_stage_runs(
+    tmp_path: Path, tiny_seed_model: Path
+) -> None:
+    cfg = _cfg(tmp_path, tiny_seed_model, "torchrun", epochs=400.0)
+    db = open_db(cfg.db_path)
+    add_doc(db, FACTS[:6], holdout=FACTS[6:])
+    res = kill_rank1_mid_stage(cfg, db)
     assert res.status == "failed", res
     row = stages.get(db, 1)
     assert row["status"] == "failed" and row["reason"]

@@ -33,7 +33,13 @@ def load_trainable(model: Any, weights: dict[str, Any]) -> None:
             params[name].copy_(w)
 
 
-def save(stage_dir: Path, model: Any, best: dict[str, Any] | None, state: dict[str, Any]) -> None:
+def save(
+    stage_dir: Path,
+    weights: dict[str, Any],
+    best: dict[str, Any] | None,
+    state: dict[str, Any],
+) -> None:
+    """Write ``weights`` (the trainable tensors, in full), ``best`` and ``state``."""
     import torch
     from safetensors.torch import save_file
 
@@ -41,7 +47,7 @@ def save(stage_dir: Path, model: Any, best: dict[str, Any] | None, state: dict[s
     tmp = fsutil.make_temp_dir(final)
     try:
         save_file(
-            {k: v.contiguous() for k, v in trainable_state(model).items()},
+            {k: v.contiguous() for k, v in weights.items()},
             str(tmp / "trainable.safetensors"),
         )
         if best is not None:

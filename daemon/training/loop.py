@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import TrainingConfig
-from daemon.training import checkpoint, sizing
+from daemon.training import checkpoint, fsdp, sizing
 from daemon.training import data as data_mod
 from daemon.training.distributed import Ranks
 from daemon.training.lora import Loaded
@@ -104,7 +104,11 @@ class Trainer:
         self.report = report
         self.stop_requested = stop_requested
         self.ranks = ranks or Ranks()
-        self.fwd = self.ranks.wrap(self.model)  # DDP under torchrun, else the model
+        # under torchrun: FSDP2 shards the model in place, or DDP wraps it
+        self.sharded = self.ranks.active and hp.distributed == "fsdp"
+        self.fwd = (
+            fsdp.shard(self.model, self.ranks) if self.sharded else self.ranks.wrap(self.model)
+        )
         sized = hp.model_copy(update={"grad_accum": self.ranks.global_accum(hp.grad_accum)})
         self.total = total_steps(sized, len(data.batches), data.sized_tokens())
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -135,7 +139,7 @@ class Trainer:
             if stop and not done:
                 raise StageStopped(f"stopped at step {st.step}")
         if self.best is not None:
-            checkpoint.load_trainable(self.model, self.best)
+            self.load_weights(self.best)
         elapsed = max(1e-9, time.monotonic() - t0)
         return self.stats(st, (st.tokens - tok0) / elapsed)
 
@@ -158,8 +162,8 @@ class Trainer:
         scale = self.ranks.world / max(1.0, n_labels)  # DDP averages gradients over ranks
         loss_sum = 0.0
         for k, c in enumerate(group):
-            sync = k == len(group) - 1 or not self.ranks.active  # DDP: all-reduce once
-            with contextlib.nullcontext() if sync else self.fwd.no_sync():
+            sync = k == len(group) - 1 or not self.ranks.active  # all-reduce once a step
+            with self.no_sync(sync):
                 loss = self.loss(c) * scale
                 if self.fault_step and st.step + 1 == self.fault_step:
                     loss = loss * math.nan
@@ -167,7 +171,7 @@ class Trainer:
                     raise StageFailed(f"non-finite loss at step {st.step + 1}")
                 loss.backward()
             loss_sum += float(loss.detach()) / self.ranks.world
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        grad_norm = fsdp.full(torch.nn.utils.clip_grad_norm_(self.params, 1.0))
         if not torch.isfinite(grad_norm):
             raise StageFailed(f"non-finite gradient norm at step {st.step + 1}")
         self.opt.step()
@@ -176,6 +180,13 @@ class Trainer:
         st.tokens += int(n_tokens)
         st.data_tokens += int(n_data)
         st.last_loss = self.ranks.all_sum([loss_sum])[0]
+
+    def no_sync(self, sync: bool) -> Any:
+        """Where a micro-batch's backward runs: gradients synced over the ranks, or kept
+        on this rank to be summed with the next micro-batch's."""
+        if sync:
+            return contextlib.nullcontext()
+        return fsdp.gradient_sync(self.model, False) if self.sharded else self.fwd.no_sync()
 
     def loss(self, c: Prepared) -> Any:
         """Summed token cross-entropy of one micro-batch (labels are pre-shifted)."""
@@ -204,7 +215,7 @@ class Trainer:
         )
         if loss < st.best_loss - 1e-4:
             st.best_loss, st.bad_evals = loss, 0
-            self.best = checkpoint.trainable_state(self.model)
+            self.best = self.trainable()
         else:
             st.bad_evals += 1
             st.stopped_early = st.bad_evals >= self.hp.early_stopping_patience
@@ -213,20 +224,37 @@ class Trainer:
             st.step, self.total, loss, best=st.best_loss, bad=st.bad_evals, patience=patience
         )
 
+    def trainable(self) -> dict[str, Any]:
+        """The trainable weights in full (under FSDP gathered from every rank: a collective)."""
+        if self.sharded:
+            return fsdp.full_trainable(self.model)
+        return checkpoint.trainable_state(self.model)
+
+    def load_weights(self, weights: dict[str, Any]) -> None:
+        """Load full trainable ``weights`` into the model (into each rank's shard)."""
+        if self.sharded:
+            fsdp.load_full(self.model, weights)
+        else:
+            checkpoint.load_trainable(self.model, weights)
+
     def save(self, st: LoopState) -> None:
-        """Checkpoint (rank 0 only: every rank holds the same weights)."""
+        """Checkpoint: rank 0 writes; under FSDP every rank first helps gather the weights
+        and the optimizer state in full (under DDP every rank holds the same ones)."""
         import torch
 
+        if not (self.ranks.main or self.sharded):
+            return
+        weights = self.trainable()
+        optim = fsdp.optimizer_state(self.model, self.opt) if self.sharded else None
         if not self.ranks.main:
             return
-
         state = {
-            "optimizer": self.opt.state_dict(),
+            "optimizer": self.opt.state_dict() if optim is None else optim,
             "scheduler": self.sched.state_dict(),
             "rng": torch.get_rng_state(),
             "progress": dataclasses.asdict(st),
         }
-        checkpoint.save(self.stage_dir, self.model, self.best, state)
+        checkpoint.save(self.stage_dir, weights, self.best, state)
 
     def restore(self) -> LoopState:
         """The state of the last checkpoint (weights and optimizer loaded), or a new one."""
@@ -236,8 +264,11 @@ class Trainer:
         if restored is None:
             return LoopState()
         weights, self.best, saved = restored
-        checkpoint.load_trainable(self.model, weights)
-        self.opt.load_state_dict(saved["optimizer"])
+        self.load_weights(weights)
+        if self.sharded:
+            fsdp.load_optimizer_state(self.model, self.opt, saved["optimizer"])
+        else:
+            self.opt.load_state_dict(saved["optimizer"])
         self.sched.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
         st = LoopState.from_checkpoint(saved["progress"])

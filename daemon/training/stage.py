@@ -31,6 +31,7 @@ import sqlite_utils
 from daemon.scheduling import placement
 from daemon.training import (
     distributed,
+    fsdp,
     hparams,
     lifeline,
     loop,
@@ -99,9 +100,16 @@ def train_plan(
         ranks=ranks,
     )
     train_stats = trainer.run()
+    if trainer.sharded:  # rank 0 evaluates and publishes a plain model, as one process does
+        weights = fsdp.full_trainable(loaded.model)
+        del trainer
+        if ranks.main:
+            loaded = fsdp.unsharded(loaded, plan, hp, stage_id, weights)
     if not ranks.main:
         return None
     train_stats["processes"] = ranks.world
+    if ranks.active:
+        train_stats["distributed"] = hp.distributed
     stages.set_status(db, stage_id, stages.TRAINED)
     report.phase("evaluate", "evaluating the candidate against its parent")
     metrics, chunk_losses = stage_eval.evaluate(db, plan, loaded, data, hp)
