@@ -7,6 +7,7 @@ whose ``base_model`` points at it, so stages and serving use that model without 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ def add_doc(
     db: Any,
     texts: list[str],
     *,
-    holdout: list[str] = (),
+    holdout: Sequence[str] = (),
     kind: str = "text",
     track: str = "default",
     path: str | None = None,
