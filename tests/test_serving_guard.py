@@ -280,6 +280,8 @@ def test_killed_engine_is_noticed_and_vllm_restarted(guarded: Served) -> None:
     assert server.proc is not None
     api_pid = server.proc.pid
     (engine,) = engine_pids(api_pid)
+    # The model runs in the engine process itself: no worker process under it.
+    assert [p.pid for p in psutil.Process(engine).children()] == []
     assert server.check() is False  # up and fine: nothing to do
     os.kill(engine, signal.SIGKILL)
     _check_until_restarted(guarded)
