@@ -205,7 +205,9 @@ def run_daemon_swap_kills(
     tmp: Path, base: Path, points: tuple[str, ...] = tuple(DAEMON_POINTS)
 ) -> list[DaemonKillOutcome]:
     """One daemon, one promotion of v0001, then a killed promotion per point in turn."""
-    config = daemon_config(tmp, {"base_model": str(base), "serving": SERVING})
+    config = daemon_config(
+        tmp, {"base_model": str(base), "serving": SERVING, "training": {"lora_rank": 16}}
+    )
     cfg: Config = config_mod.from_dict(config)
     versions = [f"v{i:04d}" for i in range(1, len(points) + 2)]
     for i, version in enumerate(versions, start=1):
