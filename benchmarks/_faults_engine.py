@@ -86,11 +86,13 @@ def _timed(marks: list[tuple[str, float, float]], name: str, fn: Callable[..., A
     return wrapper
 
 
-def engine_death(server: ManagedVLLM, swapper: Swapper, boot_s: float) -> dict[str, Any]:
+def engine_death(
+    server: ManagedVLLM, swapper: Swapper, boot_s: float, pace_s: float = SUPERVISE_INTERVAL_S
+) -> dict[str, Any]:
     """SIGKILL the engine process of ``server`` (up, serving) and time its recovery: detect
     (kill -> the watch declares it dead and starts stopping the group), stop (ending the
     old group), backoff (-> the new vLLM is launched), restart (-> ``check()`` sees it
-    healthy), reconcile (the ``on_restart`` callback)."""
+    healthy), reconcile (the ``on_restart`` callback). ``check()`` runs every ``pace_s``."""
     cfg = server.cfg
     out: dict[str, Any] = {"recovered": False, "seconds": None, "served_mismatch": 1, "lines": []}
     marks: list[tuple[str, float, float]] = []
@@ -109,7 +111,7 @@ def engine_death(server: ManagedVLLM, swapper: Swapper, boot_s: float) -> dict[s
             if server.check():
                 healthy = time.monotonic()
                 break
-            time.sleep(SUPERVISE_INTERVAL_S)
+            time.sleep(pace_s)
         starts = [m for m in marks if m[0] == "start"]
         # The stops before the relaunch (start() itself calls one, on nothing by then).
         stops = [m for m in marks if m[0] == "stop" and starts and m[2] <= starts[-1][1]]
