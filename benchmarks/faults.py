@@ -11,16 +11,19 @@ Runs the fault suite's helpers (``tests/faults/``) at the issue's sizes:
 * disk full during ingest and during a stage's checkpoint and adapter save (a tmpfs this
   benchmark mounts; ``null`` with the reason where mounting is refused);
 * peak RSS of ``evergreen ingest`` on one 50 MB text file (``ru_maxrss`` of the process);
-* vLLM's engine process SIGKILLed while its API server lives: detection, restart and
-  reconcile times, and whether the stable name serves the store's current version after
-  (``served_mismatch``).
+* vLLM's engine process SIGKILLed while its API server lives: detection, stop, backoff,
+  restart and reconcile times; vLLM's whole process group SIGKILLed while idle and at each
+  step of a swap; ``evergreen run`` SIGKILLed at each step of a swap and restarted: each
+  time, whether the stable name serves the store's current version after
+  (``served_mismatch`` counts every fault where it does not; ``benchmarks/_faults_vllm.py``).
 
 The baseline beside each fault is the same path without the fault (the documents each
 kill round drops, the clean ingest before the disk fills). Targets: every count 0, every
 boolean true, ``peak_ingest_rss_mb_50mb_file`` <= 300, ``engine_recovery_s`` <= 60.
 ``--smoke`` (CI): 1 kill during ingest (no stages), 30 hostile files, disk full during
 ingest only, a 5 MB file, and no vLLM (the engine fields are null): the same code paths
-and JSON fields. The last line printed is one JSON object.
+and JSON fields. ``--only vllm``: the vLLM faults alone (the other fields null), to
+measure them without the kill loop. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -58,6 +61,23 @@ FIELDS = (
     "disk_full_recovered",
     "vllm_engine_death_recovered",
     "engine_recovery_s",
+    "vllm_killed_idle_recovered",
+    "vllm_killed_mid_swap_recovered",
+    "daemon_killed_mid_swap_recovered",
+)
+VLLM_FIELDS = (
+    "vllm_engine_death_recovered",
+    "engine_recovery_s",
+    "engine_detect_s",
+    "engine_stop_s",
+    "engine_backoff_s",
+    "engine_restart_s",
+    "engine_reconcile_s",
+    "vllm_killed_idle_recovered",
+    "vllm_killed_mid_swap_recovered",
+    "daemon_killed_mid_swap_recovered",
+    "vllm_kill_recovery_s",
+    "daemon_kill_recovery_s",
 )
 LINE = "The quick brown fox jumps over the lazy dog near the river bank today, number {}.\n"
 
@@ -122,23 +142,10 @@ def disk_full(tmp: Path, base: Path, stages: bool) -> tuple[bool | None, list[st
     return ok, lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_smoke_flag(parser)
-    parser.add_argument("--kills", type=int, default=100)
-    parser.add_argument("--bad-files", type=int, default=1000)
-    parser.add_argument("--big-file-mb", type=int, default=50)
-    parser.add_argument("--no-vllm", action="store_true", help="skip the engine-death part")
-    parser.add_argument("--base-model", default="", help="HF model dir (default: tiny seed)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    if args.smoke:
-        args.kills, args.bad_files, args.big_file_mb, args.no_vllm = 1, 30, 5, True
-    tmp = Path(tempfile.mkdtemp(prefix="evergreen-faults-"))
-    base = _seed(tmp, args.base_model)
-    lines: list[str] = [f"load: {os.getloadavg()[0]:.1f} (1-min average) on {os.cpu_count()} cores"]
-    t0 = time.monotonic()
-
+def _store_faults(
+    tmp: Path, base: Path, args: argparse.Namespace, lines: list[str]
+) -> dict[str, Any]:
+    """Kills, hostile files, disk full and the big ingest: their JSON fields."""
     kills = run_kills(tmp / "kills", base, kills=args.kills, seed=args.seed, train=not args.smoke)
     lines.append(
         f"kills: {kills.kills} by phase {dict(kills.phases)}; {len(kills.dropped)} documents"
@@ -150,24 +157,13 @@ def main() -> None:
     lines += disk_lines
     rss = peak_ingest_rss_mb(tmp, base, args.big_file_mb)
     lines.append(f"peak RSS of evergreen ingest on one {args.big_file_mb} MB file: {rss} MB")
-    engine: dict[str, Any] = {"recovered": None, "seconds": None, "served_mismatch": 0}
-    if not args.no_vllm:
-        from benchmarks._faults_engine import engine_death
-
-        engine = engine_death(tmp / "engine", base)
-        lines += engine["lines"]
     problems = kills.problems + bad.problems
     lines += [f"problem: {p[:300]}" for p in problems[:20]]
-    lines.append(
-        f"total {time.monotonic() - t0:.0f} s; own peak RSS "
-        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
-    )
-    result = {
+    return {
         "kills": kills.kills,
         "documents_lost": kills.documents_lost,
         "documents_duplicated": kills.documents_duplicated,
         "integrity_failures": kills.integrity_failures,
-        "served_mismatch": engine["served_mismatch"],
         "orphans": kills.orphans,
         "bad_files": bad.bad_files,
         "crashes": kills.crashes + bad.crashes,
@@ -175,16 +171,50 @@ def main() -> None:
         "bad_promotions": kills.bad_promotions,
         "peak_ingest_rss_mb_50mb_file": rss,
         "disk_full_recovered": disk_ok,
-        "vllm_engine_death_recovered": engine["recovered"],
-        "engine_recovery_s": engine["seconds"],
-        "engine_detect_s": engine.get("detect_s"),
-        "engine_restart_s": engine.get("restart_s"),
-        "engine_reconcile_s": engine.get("reconcile_s"),
         "stages_failed_by_kills": kills.stages_failed_by_kills,
         "kill_phases": dict(kills.phases),
-        "big_file_mb": args.big_file_mb,
-        "smoke": args.smoke,
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_smoke_flag(parser)
+    parser.add_argument("--kills", type=int, default=100)
+    parser.add_argument("--bad-files", type=int, default=1000)
+    parser.add_argument("--big-file-mb", type=int, default=50)
+    parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM faults")
+    parser.add_argument(
+        "--only", choices=["vllm"], default="", help="run only these faults (others: null)"
+    )
+    parser.add_argument("--base-model", default="", help="HF model dir (default: tiny seed)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.smoke:
+        args.kills, args.bad_files, args.big_file_mb, args.no_vllm = 1, 30, 5, True
+        args.only = ""
+    tmp = Path(tempfile.mkdtemp(prefix="evergreen-faults-"))
+    base = _seed(tmp, args.base_model)
+    lines: list[str] = [f"load: {os.getloadavg()[0]:.1f} (1-min average) on {os.cpu_count()} cores"]
+    t0 = time.monotonic()
+    result: dict[str, Any] = {}
+    if args.only != "vllm":
+        result.update(_store_faults(tmp, base, args, lines))
+    else:
+        result.update(dict.fromkeys(FIELDS))
+    vllm: dict[str, Any] = {"served_mismatch": 0}
+    if not args.no_vllm:
+        from benchmarks._faults_vllm import vllm_faults
+
+        vllm = vllm_faults(tmp / "vllm", base)
+        lines += vllm.pop("lines")
+    lines.append(
+        f"total {time.monotonic() - t0:.0f} s; own peak RSS "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
+    )
+    result.update(dict.fromkeys(VLLM_FIELDS))  # null unless the vLLM faults ran
+    result.update(vllm)
+    result.update(big_file_mb=args.big_file_mb, smoke=args.smoke, only=args.only or None)
+    lines.append(f"load now: {os.getloadavg()[0]:.1f} (1-min average)")
     report("faults", lines, result, FIELDS)
 
 

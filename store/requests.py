@@ -6,6 +6,12 @@ itself while it runs; it files a request here and waits for the answer. A reques
 a one-line ``message``. One not claimed by its ``deadline`` is ``expired`` and never
 performed late. Every outcome is also an event (``request.done``, ``request.failed``,
 ``request.expired``).
+
+The daemon performs what it claims before it claims again, and only one daemon runs per
+state dir, so a request still ``running`` when the daemon claims is one a previous daemon
+died performing (SIGKILL, OOM): it is answered ``failed`` (``INTERRUPTED``) then, so the
+CLI waiting on it, and ``evergreen adapters``, see the outcome instead of a request that
+runs for ever.
 """
 
 from __future__ import annotations
@@ -21,6 +27,10 @@ from store.db import transaction
 
 PENDING, RUNNING, DONE, FAILED, EXPIRED = "pending", "running", "done", "failed", "expired"
 FINISHED = (DONE, FAILED, EXPIRED)
+INTERRUPTED = (
+    "interrupted: the daemon stopped before recording its outcome (killed?); see"
+    " `evergreen adapters` for the current adapter"
+)
 
 
 def _decode(row: dict[str, Any]) -> dict[str, Any]:
@@ -55,17 +65,24 @@ def get(db: sqlite_utils.Database, request_id: int) -> dict[str, Any] | None:
 def claim_next(
     db: sqlite_utils.Database, *, track: str = "default", now: float | None = None
 ) -> dict[str, Any] | None:
-    """Expire the pending requests past their deadline, then mark the oldest pending one
-    ``running`` and return it (None when there is none). Called every second by the
-    daemon's main loop, so with nothing pending it only reads (no write lock to wait for
-    behind a long ingest transaction)."""
+    """Fail what a dead daemon left ``running``, expire the pending requests past their
+    deadline, then mark the oldest pending one ``running`` and return it (None when there
+    is none). Called every second by the daemon's main loop, between requests it performs,
+    so with nothing pending it only reads (no write lock to wait for behind a long ingest
+    transaction)."""
     now = time.time() if now is None else now
-    pending = db.conn.execute(  # a read first: the idle main loop never queues for the lock
-        "SELECT 1 FROM requests WHERE track = ? AND status = ? LIMIT 1", (track, PENDING)
+    waiting = db.conn.execute(  # a read first: the idle main loop never queues for the lock
+        "SELECT 1 FROM requests WHERE track = ? AND status IN (?, ?) LIMIT 1",
+        (track, PENDING, RUNNING),
     ).fetchone()
-    if pending is None:
+    if waiting is None:
         return None
     with transaction(db):
+        orphaned = db.conn.execute(
+            "SELECT id FROM requests WHERE track = ? AND status = ?", (track, RUNNING)
+        ).fetchall()
+        for (request_id,) in orphaned:
+            _finish(db, int(request_id), FAILED, INTERRUPTED, now)
         stale = db.conn.execute(
             "SELECT id, kind FROM requests WHERE track = ? AND status = ? AND deadline < ?",
             (track, PENDING, now),

@@ -83,10 +83,31 @@ def test_the_queue_claims_in_order_and_expires_what_is_late(cfg: Config) -> None
         store_requests.finish(db, first, False, "nothing to roll back")
         claimed = store_requests.claim_next(db)
         assert claimed is not None and claimed["id"] == second
-        assert store_requests.claim_next(db) is None
         assert not store_requests.expire_if_pending(db, second, "too late: it was claimed")
+        store_requests.finish(db, second, True, "current adapter base -> v2")
+        assert store_requests.claim_next(db) is None
         kinds = [e["kind"] for e in events.recent(db, kind_prefix="request.")]
-        assert kinds == ["request.failed", "request.expired"]
+        assert kinds == ["request.done", "request.failed", "request.expired"]
+
+
+def test_a_request_a_killed_daemon_left_running_is_answered_by_the_next(cfg: Config) -> None:
+    """Regression (#12, a daemon SIGKILLed mid-swap): its claimed request stayed ``running``
+    for ever, and the CLI waiting on it timed out with "still performing"."""
+    _three_versions(cfg)
+    with open_db(cfg.db_path) as db:
+        killed = store_requests.submit(db, "promote", {"version": "v0001"}, timeout_s=60)
+        claimed = store_requests.claim_next(db)  # the daemon that dies performing it
+        assert claimed is not None and claimed["id"] == killed
+        later = store_requests.submit(db, "promote", {"version": "v0002"}, timeout_s=60)
+        assert serve_requests(cfg, db, None) == 1  # the next daemon's main loop
+        rows = [store_requests.get(db, i) for i in (killed, later)]
+        assert [(r["status"], r["message"]) for r in rows if r] == [
+            ("failed", store_requests.INTERRUPTED),
+            ("done", "current adapter base -> v0002; no serving (serving.mode = none)"),
+        ]
+        assert store_requests.claim_next(db) is None
+        kinds = [e["kind"] for e in events.recent(db, kind_prefix="request.")]
+        assert sorted(kinds) == ["request.done", "request.failed"]
 
 
 def test_the_daemon_side_performs_requests_with_the_cli_error_lines(cfg: Config) -> None:

@@ -5,7 +5,9 @@ Own servers and state dirs (not the session's), because these tests restart and 
 * ``guarded``: the managed server as the daemon runs it. Prompt log-probs requests and LoRA
   requests sent together all answer 200; the client key cannot load, unload or alias
   adapters; pinned names cannot be re-pointed; a SIGKILLed engine is noticed through
-  :meth:`ManagedVLLM.check` and vLLM restarted and reconciled.
+  :meth:`ManagedVLLM.check` and vLLM restarted and reconciled; the whole process group
+  SIGKILLed idle and in the middle of a swap (``tests/faults/vllm_kills.py``) comes back
+  serving the store's current version.
 * ``ungated``: the same server with the batch gate off (``EVERGREEN_BATCH_GATE=0``) shows
   the vLLM 0.32 crash the gate prevents, and the daemon recovering from that real crash.
 """
@@ -35,6 +37,7 @@ from daemon.serving.vllm import ManagedVLLM
 from daemon.serving.vllm_guard import GATE_ENV
 from store import events
 from store.db import open_db
+from tests.faults import audit, vllm_kills
 from tests.fixtures_model import make_tiny_cfg
 from tests.fixtures_vllm import STARTUP_TIMEOUT_S, make_lora
 
@@ -277,12 +280,57 @@ def test_killed_engine_is_noticed_and_vllm_restarted(guarded: Served) -> None:
     assert server.proc is not None
     api_pid = server.proc.pid
     (engine,) = engine_pids(api_pid)
+    # The model runs in the engine process itself: no worker process under it.
+    assert [p.pid for p in psutil.Process(engine).children()] == []
     assert server.check() is False  # up and fine: nothing to do
     os.kill(engine, signal.SIGKILL)
     _check_until_restarted(guarded)
     assert server.proc is not None and server.proc.pid != api_pid
     assert not psutil.pid_exists(api_pid) or psutil.Process(api_pid).status() == "zombie"
     _assert_recovered(guarded, want, expected)
+
+
+def _current(cfg: Config) -> str | None:
+    return audit.current_version(cfg.db_path)
+
+
+def test_vllm_group_killed_idle_comes_back_serving_the_current_version(guarded: Served) -> None:
+    """kill -9 of vLLM's whole process group (API server and engine) while idle."""
+    want = _current(guarded.cfg)
+    assert want is not None and guarded.server.proc is not None
+    pgid = guarded.server.proc.pid
+    restarts = guarded.server.restarts
+    out = vllm_kills.kill_idle(guarded.server, guarded.swapper, wait_s=RECOVERY_WAIT_S, pace_s=0.5)
+    print(out.line())
+    assert out.recovered, out.line()
+    assert out.served == out.current == want
+    assert guarded.swapper.served_version() == want
+    assert guarded.server.restarts == restarts + 1
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)  # nothing of the old group is left
+
+
+@pytest.mark.parametrize("at", ["load", "flipped"])
+def test_vllm_group_killed_mid_swap_serves_what_the_store_says(guarded: Served, at: str) -> None:
+    """kill -9 of vLLM's group while a promotion loads the new version (``load``) or right
+    after it re-pointed the stable name (``flipped``): the promotion fails, the store keeps
+    the version before, and the restarted server serves that one; then the same promotion
+    goes through on the recovered server."""
+    before = _current(guarded.cfg)
+    version = "v0001" if before == "v0002" else "v0002"
+    out = vllm_kills.kill_mid_swap(
+        guarded.server, guarded.swapper, version, at, wait_s=RECOVERY_WAIT_S, pace_s=0.5
+    )
+    print(out.line())
+    assert out.recovered, out.line()
+    assert out.promotion.startswith("failed"), out.promotion
+    assert out.served == out.current == before
+    assert guarded.swapper.served_version() == before
+    ep = guarded.server.endpoint
+    promotion.promote(guarded.cfg, version, "after the kill", swapper=guarded.swapper)
+    assert _current(guarded.cfg) == version
+    pinned = ep.completion(f"evergreen-{version}", "def main", max_tokens=8)
+    assert ep.completion("evergreen", "def main", max_tokens=8) == pinned
 
 
 @pytest.fixture(scope="module")

@@ -160,6 +160,17 @@ def test_managed_command_and_env(cfg: Config) -> None:
     assert not any(k.startswith("VLLM_SERVER_DEV") for k in env if k not in os.environ)
 
 
+def test_managed_vllm_runs_its_model_in_the_engine_process(
+    cfg: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No worker process of its own (a cold start ~20 s shorter); an operator's choice in
+    the daemon's environment still wins."""
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    assert ManagedVLLM(cfg).environment()["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    assert ManagedVLLM(cfg).environment()["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+
+
 def test_cli_promote_without_running_vllm_moves_pointer(cfg: Config) -> None:
     write_adapter(cfg.adapters_dir / "v0001")
     write_adapter(cfg.adapters_dir / "v0002")

@@ -66,7 +66,7 @@ class ManagedVLLM:
         self,
         cfg: Config,
         *,
-        on_restart: Callable[[], None] | None = None,
+        on_restart: Callable[[], object] | None = None,
         on_engine_recovered: Callable[[float], None] | None = None,
         python: str = sys.executable,
     ) -> None:
@@ -82,7 +82,7 @@ class ManagedVLLM:
         host = f"[{sc.host}]" if ":" in sc.host else sc.host
         self.url = f"http://{host}:{sc.port}"
         self.log_path = cfg.logs_dir / "vllm.log"
-        self.on_restart: list[Callable[[], None]] = [on_restart] if on_restart else []
+        self.on_restart: list[Callable[[], object]] = [on_restart] if on_restart else []
         # Called with the recovery time (engine death noticed -> restarted and reconciled).
         self.on_engine_recovered = [on_engine_recovered] if on_engine_recovered else []
         self.engine = EngineWatch()
@@ -147,6 +147,9 @@ class ManagedVLLM:
     def environment(self) -> dict[str, str]:
         """The child's env: our plugin and the per-version resolver on, key out of ``ps``."""
         env = dict(os.environ)
+        # 0: the model runs in the engine process, not in a worker it spawns (re-importing
+        # torch and vLLM): cold start 68-70 -> 45-48 s on 2 loaded cores (#12).
+        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         resolver_dir = self.cfg.serving_dir / "resolve"
         resolver_dir.mkdir(parents=True, exist_ok=True)
         env.update(
@@ -169,10 +172,8 @@ class ManagedVLLM:
             self._stop.clear()
             if self.proc is not None and self.proc.poll() is None:
                 return
-            self._kill_group()  # leftovers of a crashed run (its engine process) go first
-            kill_stale_group(
-                self.pgid_path, STOP_GRACE_S
-            )  # ... or of a previous daemon killed with SIGKILL
+            self._kill_group()  # leftovers of a crashed run (its engine process) go first,
+            kill_stale_group(self.pgid_path, STOP_GRACE_S)  # or of a SIGKILLed daemon
             sc = self.cfg.serving
             if port_in_use(sc.host, sc.port):
                 raise VLLMError(
