@@ -136,9 +136,22 @@ def test_swap_skips_a_down_replica_and_reconcile_brings_it_back(fleet) -> None:
         assert sw.reconcile() == {ep.name: "ok" for ep in sw.endpoints}
         for r in replicas:
             r.stop()
-        with pytest.raises(SwapError, match="failed at health: no endpoint is up"):
-            promotion.promote(cfg, "v0002", "test", swapper=sw)
-        assert current(cfg) == "v0001"
+        # none up (vLLM restarting, the fleet down): a valid version still becomes current
+        # (a gate-passed candidate is not thrown away) and the reconcile serves it later
+        done = promotion.promote(cfg, "v0002", "test", swapper=sw)
+        assert done.swap is None and "no endpoint is up" in done.message
+        assert current(cfg) == "v0002"
+        for r in replicas:
+            r.start()
+        assert sw.reconcile() == {ep.name: "restored" for ep in sw.endpoints}
+        assert [stable_path(r) for r in replicas] == [version_dir(cfg, "v0002")] * 3
+        for r in replicas:
+            r.stop()
+        # ... but an invalid one is refused before health is even asked
+        (Path(version_dir(cfg, "v0001")) / "adapter_model.safetensors").write_bytes(b"x")
+        with pytest.raises(SwapError, match="failed at validate"):
+            promotion.promote(cfg, "v0001", "test", swapper=sw)
+        assert current(cfg) == "v0002"
     finally:
         sw.close()
 

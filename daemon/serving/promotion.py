@@ -30,7 +30,7 @@ from daemon.serving.adapters import (
 from daemon.serving.apikey import load_or_create_admin_secret, load_or_create_api_key
 from daemon.serving.audit import store_db
 from daemon.serving.client import VLLMClient
-from daemon.serving.swap import SwapError, Swapper, SwapResult
+from daemon.serving.swap import NoEndpointUp, SwapError, Swapper, SwapResult
 from store import adapters as store_adapters
 
 
@@ -99,7 +99,17 @@ def rollback(
 
 def _swap_and_move(cfg: Config, swapper: Swapper, version: str, reason: str) -> Promotion:
     with swapper.lock:
-        result = swapper.swap_to(version, reason=reason)  # raises SwapError: pointer unchanged
+        try:
+            result = swapper.swap_to(version, reason=reason)  # SwapError: pointer unchanged
+        except NoEndpointUp as exc:
+            # vLLM restarting (40-70 s on a busy CPU box) or the whole fleet down: the
+            # version is valid (swap_to checked its dir first), so it becomes current as it
+            # would with vLLM not running at all, and the reconcile after the restart serves
+            # it. Failing here would throw away a candidate that passed its gate.
+            link_for_resolver(cfg, version, adapter_path(cfg, version))
+            return _move_pointer(
+                cfg, version, reason, None, f"{exc}: the reconcile serves it when one is back"
+            )
         total = len(swapper.endpoints)
         n = total - len(result.skipped)
         where = (

@@ -11,10 +11,11 @@ Names on each endpoint (``model_name`` = ``evergreen`` by default):
 
 A swap to version V, on the N endpoints that are up, all or none:
 
-0. ask every endpoint's ``/health`` at once; those down are skipped (none up: the swap
-   fails) and are brought in line by the reconcile when they come back;
-1. validate V's dir locally (inside the state dir, safetensors only, not truncated);
-   load ``evergreen-V`` everywhere and run a greedy smoke completion. Any failure: unload
+0. validate V's dir locally (inside the state dir, safetensors only, not truncated);
+   ask every endpoint's ``/health`` at once; those down are skipped and are brought in
+   line by the reconcile when they come back (none up: :class:`NoEndpointUp`, and
+   :mod:`daemon.serving.promotion` moves the pointer for the reconcile to serve);
+1. load ``evergreen-V`` everywhere and run a greedy smoke completion. Any failure: unload
    what this swap loaded, record ``swap.failed``, raise :class:`SwapError`; nothing changed.
 2. flip the alias on each endpoint; if one flip fails, flip the others back.
 3. verify: the alias points at V and greedy output under ``evergreen`` equals V's; otherwise
@@ -78,6 +79,11 @@ def _lap(timings: dict[str, float], step: str, mark: float) -> float:
 
 class SwapError(EvergreenError, RuntimeError):
     """A swap that did not happen; the endpoints still serve what they served before."""
+
+
+class NoEndpointUp(VLLMError):
+    """No endpoint answers ``/health`` (vLLM restarting, the fleet down): nothing to swap
+    now. The caller may still move the store's pointer; the reconcile serves it later."""
 
 
 @dataclass
@@ -250,7 +256,7 @@ class Swapper:
 
     def up_endpoints(self) -> list[VLLMClient]:
         """The endpoints whose ``/health`` answers now (asked at once); the others are
-        marked down. Raises :class:`VLLMError` when none is up."""
+        marked down. Raises :class:`NoEndpointUp` when none is up."""
         healthy, _ = self._each(self.endpoints, lambda ep: ep.health())
         for ep in self.endpoints:
             if not healthy.get(ep.name):
@@ -258,12 +264,13 @@ class Swapper:
                 st.up, st.serving, st.checked_at = False, None, time.time()
         up = [ep for ep in self.endpoints if healthy.get(ep.name)]
         if not up:
-            raise VLLMError(f"no endpoint is up (of {len(self.endpoints)})")
+            raise NoEndpointUp(f"no endpoint is up (of {len(self.endpoints)})")
         return up
 
     def swap_to(self, version: str, *, reason: str = "") -> SwapResult:
         """Serve ``version`` under the stable name on every endpoint that is up, or on none
-        (raises); endpoints down now get it from the reconcile when they return."""
+        (raises :class:`SwapError`); endpoints down now get it from the reconcile when they
+        return. With none up, raises :class:`NoEndpointUp` once ``version`` is validated."""
         with self.lock:
             started = time.monotonic()
             name = served_name(self.cfg, version)
@@ -293,6 +300,8 @@ class Swapper:
                 if errors:
                     raise errors[0]
                 _lap(timings, "verify", mark)
+            except NoEndpointUp:
+                raise  # the version is valid; there is just nowhere to serve it now
             except (VLLMError, AdapterRejected, OSError) as exc:
                 self._undo(name, loaded, flipped, previous)
                 return self._failed(
