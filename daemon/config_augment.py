@@ -36,15 +36,22 @@ class AugmentConfig(Section):
     method: str = opt(
         "none",
         "Augmentation method (kind 'augment' in the policy registry): none, permute "
-        "(sentence/paragraph orders), sentences (each sentence alone), self (the served "
-        "model writes paraphrases and Q/A pairs).",
+        "(sentence/paragraph orders), sentences (each sentence alone), edit (noisy copies: "
+        "words around the names deleted, swapped, inserted), self (the served model writes "
+        "paraphrases and Q/A pairs).",
     )
     params: dict[str, Any] = Field(
         default_factory=dict,
         description="The method's own parameters (permute: shuffle_paragraphs, "
-        "shuffle_sentences; sentences: anchor, max_samples).",
+        "shuffle_sentences; sentences: anchor, max_samples; edit: p_delete, p_swap, "
+        "p_insert, shuffle_sentences).",
     )
-    k: int = num(2, 1, 64, "Copies per chunk: orderings (permute) or samples per prompt (self).")
+    k: int = num(
+        2,
+        1,
+        64,
+        "Copies per chunk: orderings (permute), edits (edit) or samples per prompt (self).",
+    )
     max_chunks_per_run: int = num(
         32, 1, 1_000_000, "Pending train chunks augmented per call (the rest wait for the next)."
     )
