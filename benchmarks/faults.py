@@ -10,7 +10,7 @@ Runs the fault suite's helpers (``tests/faults/``) at the issue's sizes:
   (crashes, anything from outside the inbox stored);
 * disk full during ingest and during a stage's checkpoint and adapter save (a tmpfs this
   benchmark mounts; ``null`` with the reason where mounting is refused);
-* peak RSS of ``evergreen ingest`` on one 50 MB text file (``ru_maxrss`` of the process);
+* peak RSS of ``evergreen ingest`` on one 50 MB text file (its own ``VmHWM``);
 * vLLM's engine process SIGKILLed while its API server lives: detection, stop, backoff,
   restart and reconcile times; vLLM's whole process group SIGKILLed while idle and at each
   step of a swap; ``evergreen run`` SIGKILLed at each step of a swap and restarted: each
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -93,6 +94,20 @@ def _seed(tmp: Path, given: str) -> Path:
     return ensure_seed_model(cfg)
 
 
+# The CLI, reporting its own peak RSS as it exits. Not the wait4() ru_maxrss: that
+# survives exec, so a child of this (by then ~570 MB) process reported the parent's size.
+PEAK_CLI = """
+import atexit, sys
+def _peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            sys.stderr.write("EVERGREEN_VMHWM_KIB=" + line.split()[1] + "\\n")
+atexit.register(_peak)
+from daemon.cli import main
+main(prog_name="evergreen")
+"""
+
+
 def peak_ingest_rss_mb(tmp: Path, base: Path, mb: int) -> float:
     """``evergreen ingest`` of one ``mb`` MB text file: the process's peak RSS in MB."""
     inbox = tmp / "big-inbox"
@@ -113,14 +128,14 @@ def peak_ingest_rss_mb(tmp: Path, base: Path, mb: int) -> float:
             }
         )
     )
-    cmd = [sys.executable, "-m", "daemon", "--config", str(config), "ingest", "--json", str(inbox)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _pid, status, usage = os.wait4(proc.pid, 0)
-    out = proc.stdout.read().decode() if proc.stdout else ""
-    if os.waitstatus_to_exitcode(status) != 0 or '"ingested": 1' not in out:
-        err = proc.stderr.read().decode()[-2000:] if proc.stderr else ""
-        raise SystemExit(f"ingest of the {mb} MB file failed: {out[-500:]} {err}")
-    return round(usage.ru_maxrss / 1024, 1)  # Linux: KiB
+    cmd = [sys.executable, "-c", PEAK_CLI, "--config", str(config), "ingest", "--json", str(inbox)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    peak = re.search(r"^EVERGREEN_VMHWM_KIB=(\d+)$", proc.stderr, re.M)
+    if proc.returncode != 0 or '"ingested": 1' not in proc.stdout or peak is None:
+        raise SystemExit(
+            f"ingest of the {mb} MB file failed: {proc.stdout[-500:]} {proc.stderr[-2000:]}"
+        )
+    return round(int(peak.group(1)) / 1024, 1)
 
 
 def disk_full(tmp: Path, base: Path, stages: bool) -> tuple[bool | None, list[str]]:
