@@ -562,6 +562,10 @@ def real_text_stage(
 #   this seed build (held-out ppl 1060, general 468), data seed 0:
 #   4 passes, lr 2e-3 (48 steps, now the default): held-out -20.1%, general -6.0%, promoted
 #   (the gate's chunk holdout: -27.5%); 3 passes, lr 2e-3: chunk holdout -12.9%, promoted
+# Session 6 (load 1-3, seed rebuilt: held-out ppl 1072, general 481), data seed 0, lr 2e-3,
+#   held-out sections / general ppl: 4 passes -22.2% / -5.2%, 6 -27.2% / -7.0%,
+#   8 -30.5% / -7.2% (now the default), 12 -32.5% / -7.1%; all promoted. Data seed 1,
+#   8 passes: -42.5% / -8.7%, promoted.
 # Recipes for --sweep (names, comma list; "all" = every one). The stage length is set by
 # ``training.passes`` over the new data, with no ``min_steps`` floor.
 SWEEP: dict[str, dict[str, Any]] = {
@@ -576,6 +580,8 @@ SWEEP: dict[str, dict[str, Any]] = {
     "p6-lr1e-3": {"passes": 6.0, "min_steps": 0, "learning_rate": 1e-3},
     "p8-lr1e-3": {"passes": 8.0, "min_steps": 0, "learning_rate": 1e-3},
     "p6-lr2e-3": {"passes": 6.0, "min_steps": 0, "learning_rate": 2e-3},
+    "p8-lr2e-3": {"passes": 8.0, "min_steps": 0, "learning_rate": 2e-3},
+    "p12-lr2e-3": {"passes": 12.0, "min_steps": 0, "learning_rate": 2e-3},
     "p4-mix1": {"passes": 4.0, "min_steps": 0, "general_mix": 1.0},
     "p4-r16": {"passes": 4.0, "min_steps": 0, "lora_rank": 16, "lora_alpha": 8},
 }

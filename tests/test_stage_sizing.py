@@ -49,15 +49,15 @@ def test_exact_step_counts(
 
 def test_default_recipe_is_sized_by_its_data_with_a_small_floor() -> None:
     # the knowledge benchmark's real-text stage: 15 Debian Policy sections, ~6.3k tokens
-    assert steps(6_144).steps == 48  # 4 passes x 6,144 / 512
+    assert steps(6_144).steps == 96  # 8 passes x 6,144 / 512
     assert steps(6_144).rule == "passes"
-    # the example, 28.8k new tokens: 225 steps (the old recipe took 1000)
-    assert steps(28_800, 57).steps == 225
+    # the example, 28.8k new tokens: 450 steps (the old recipe took 1000)
+    assert steps(28_800, 57).steps == 450
     assert steps(28_800, 57, **OLD_RECIPE).steps == 1000  # the old recipe, one config away
     # a handful of facts is raised to the floor
     assert steps(1_000, 2).steps == TrainingConfig().min_steps == 40
     assert steps(1_000, 2).rule == "min_steps"
-    assert steps(512_000, 1000).steps == 4000
+    assert steps(512_000, 1000).steps == 8000
 
 
 def test_plans_from_before_passes_are_sized_as_planned() -> None:
